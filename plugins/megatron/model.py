@@ -1,0 +1,233 @@
+"""From a scalebio ModelConfig to megatron-core GPTModel chunks, with layout-independent init.
+
+Everything model-specific that the backend needs lives here: the TransformerConfig, the layer
+spec (Transformer Engine when it imports and CUDA is present, the local spec otherwise), vocab
+padding for tensor parallelism (masked out of the loss), the split of a full tensor into this
+rank's shard, and a seeded initialisation that gives the same full weights at any TP/PP layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's rule: pad to a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        if not te_available():
+            raise RuntimeError("megatron.transformer_impl=transformer_engine needs CUDA and the "
+                               "transformer-engine package (pip install 'scalebio[gpu]')")
+        return True
+    return te_available()
+
+
+def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
+    """The megatron-core TransformerConfig of ``model`` (scalebio.config.ModelConfig)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    activation = {"swiglu": F.silu, "silu": F.silu, "gelu": F.gelu,
+                  "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[model.activation]
+    kw = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=activation,
+        add_qkv_bias=model.add_qkv_bias,
+        add_bias_linear=model.add_bias_linear,
+        init_method_std=model.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # the loss function applies pi_s/N_s and alpha with global normalisers; Megatron must neither
+        # divide by the number of micro-batches nor average over data-parallel ranks (see backend.py)
+        calculate_per_token_loss=True,
+        # batched p2p pairs up wrongly on gloo when next and previous stage are the same rank
+        # (interleaved PP=2 gives silently wrong gradients); separate send/recv is always correct
+        batch_p2p_comm=False,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # init_weights_ below sets every parameter
+        gradient_accumulation_fusion=use_te,
+        apply_rope_fusion=use_te,
+        bias_activation_fusion=use_te,
+        bias_dropout_fusion=use_te,
+        masked_softmax_fusion=use_te,
+        persist_layer_norm=False,
+    )
+    if layout.first_stage_layers is not None:
+        kw["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
+    if layout.last_stage_layers is not None:
+        kw["num_layers_in_last_pipeline_stage"] = layout.last_stage_layers
+    return TransformerConfig(**kw)
+
+
+def layer_spec(model, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_chunks(model, config, spec, padded_vocab: int, vpp: int | None):
+    """This rank's GPTModel chunk(s): one, or ``vpp`` for the interleaved schedule."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=model.max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            rotary_base=model.rotary_base,
+            rotary_percent=model.rotary_percent,
+            vp_stage=stage,
+        )
+        chunk.vp_stage = stage
+        chunks.append(chunk)
+    return chunks
+
+
+# --------------------------------------------------------------------------- names and shards
+
+
+def global_names(chunk) -> dict:
+    """Local parameter name -> layout-independent name (decoder layer indices made global)."""
+    layer_ids = {}
+    if hasattr(chunk, "decoder"):
+        layer_ids = {j: layer.layer_number - 1 for j, layer in enumerate(chunk.decoder.layers)}
+    out = {}
+    for name, _ in chunk.named_parameters():
+        m = _LAYER_RE.match(name)
+        out[name] = f"decoder.layers.{layer_ids[int(m.group(1))]}.{name[m.end():]}" if m else name
+    return out
+
+
+def layer_index(global_name: str):
+    """Global decoder-layer index of a parameter, or None for embeddings, final norm, output."""
+    m = _LAYER_RE.match(global_name)
+    return int(m.group(1)) if m else None
+
+
+def tp_split(param) -> tuple:
+    """(partition_dim, stride) of a tensor-parallel parameter, or None when replicated."""
+    if getattr(param, "tensor_model_parallel", False):
+        return param.partition_dim, getattr(param, "partition_stride", 1)
+    return None
+
+
+def shard(full: torch.Tensor, split, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a full tensor, exactly as megatron-core splits it at init.
+
+    With stride s the dimension is cut in ``s * world`` equal pieces and rank r takes pieces
+    r, r + world, ... (SwiGLU's fc1 holds [gate; up] with stride 2; QKV is grouped per query
+    group so contiguous pieces are whole groups).
+    """
+    if split is None or world == 1:
+        return full
+    dim, stride = split
+    pieces = torch.chunk(full, stride * world, dim=dim)
+    return torch.cat(pieces[rank::world], dim=dim)
+
+
+def full_shape(param, world: int) -> tuple:
+    split = tp_split(param)
+    shape = list(param.shape)
+    if split is not None:
+        shape[split[0]] *= world
+    return tuple(shape)
+
+
+def _seed_for(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None:
+    """Seeded init, the same full tensors at every layout.
+
+    Each parameter's full tensor is drawn from a generator seeded by (seed, global name) and
+    this rank keeps its shard. Distributions follow megatron-core's defaults: N(0, std) for
+    weights and embeddings, N(0, std / sqrt(2 * num_layers)) for the two output projections
+    of each layer, ones for norm weights, zeros for biases.
+    """
+    std = model.init_method_std
+    scaled = std / math.sqrt(2.0 * model.num_layers)
+    for chunk in chunks:
+        names = global_names(chunk)
+        for local, param in chunk.named_parameters():
+            name = names[local]
+            if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                name = "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
+            shape = full_shape(param, tp_world)
+            leaf = name.rsplit(".", 1)[-1]
+            if "layernorm" in name or leaf.startswith("layer_norm"):  # local spec / TE fused norms
+                full = torch.ones(shape) if leaf.endswith("weight") else torch.zeros(shape)
+            elif name.endswith("bias"):
+                full = torch.zeros(shape)
+            else:
+                gen = torch.Generator().manual_seed(_seed_for(seed, name))
+                s = scaled if ("linear_proj" in name or "linear_fc2" in name) else std
+                full = torch.empty(shape).normal_(0.0, s, generator=gen)
+            param.copy_(shard(full, tp_split(param), tp_rank, tp_world).to(param.dtype))
+
+
+def mask_vocab_padding(chunk, vocab_size: int, padded: int, tp_rank: int, tp_world: int) -> None:
+    """Give padded vocabulary entries a logit of -inf, so they carry no probability and no loss."""
+    if padded == vocab_size or not getattr(chunk, "post_process", False):
+        return
+    per_rank = padded // tp_world
+    ids = torch.arange(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+    pad = ids >= vocab_size
+    if not bool(pad.any()):
+        return
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        return logits.masked_fill(pad.to(logits.device), float("-inf")), bias
+
+    chunk.output_layer.register_forward_hook(hook)

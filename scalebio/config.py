@@ -1,0 +1,454 @@
+"""Run configuration: typed dataclasses loaded from layered YAML with provenance.
+
+Layers, lowest priority first: dataclass defaults, the model YAML (``model:``), the data YAML
+(``data:``), ``--config`` files, ``--set section.key=value`` overrides. Every key is checked
+against its dataclass; an unknown key is an error that names the key and the file (or the
+``--set`` flag) it came from. Plugin option sections are named after the plugin (``lisa:``,
+``minimax:``) and parsed into that plugin's ``Options`` dataclass once plugins are selected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. The message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path) -> dict:
+    """Read a YAML mapping; parse errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{at}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def _absolutize_paths(data, base: Path):
+    """Resolve relative ``path`` values in a YAML file against the file's own directory."""
+    if isinstance(data, dict):
+        return {k: (str((base / v).resolve()) if k == "path" and isinstance(v, str) and not Path(v).is_absolute()
+                    and "://" not in v else _absolutize_paths(v, base)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_absolutize_paths(v, base) for v in data]
+    return data
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+class Layers:
+    """Merged configuration dictionaries that remember where each key came from."""
+
+    def __init__(self):
+        self.data: dict = {}
+        self.origin: dict = {}
+
+    def add(self, data: dict, origin: str, prefix: tuple = ()) -> None:
+        target = self.data
+        for key in prefix:
+            target = target.setdefault(key, {})
+        self._merge(target, data, origin, prefix)
+
+    def _merge(self, target: dict, data: dict, origin: str, path: tuple) -> None:
+        for key, value in data.items():
+            here = path + (key,)
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                self.origin.setdefault(here, origin)
+                self._merge(target[key], value, origin, here)
+            else:
+                target[key] = value
+                self._mark(here, value, origin)
+
+    def _mark(self, path: tuple, value, origin: str) -> None:
+        self.origin[path] = origin
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                self._mark(path + (key,), sub, origin)
+
+    def where(self, path: tuple) -> str:
+        for i in range(len(path), 0, -1):
+            if path[:i] in self.origin:
+                return self.origin[path[:i]]
+        return "the defaults"
+
+    def add_file(self, path, section: Optional[str] = None) -> None:
+        path = Path(path)
+        data = _absolutize_paths(load_yaml(path), path.resolve().parent)
+        self.add(data, str(path), (section,) if section else ())
+
+    def add_override(self, assignment: str) -> None:
+        """``--set a.b.c=value``; the value is parsed as YAML (numbers, booleans, lists)."""
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+        keys = tuple(k.strip() for k in key.split("."))
+        if any(not k for k in keys):
+            raise ConfigError(f"--set {assignment!r}: empty key segment in {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {assignment!r}: value is not valid YAML: {exc}") from None
+        nested: Any = value
+        for k in reversed(keys[1:]):
+            nested = {k: nested}
+        self.add({keys[0]: nested}, f"--set {assignment}")
+
+
+# --------------------------------------------------------------------------- typed parsing
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"a {origin.__name__}"
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, value, path: tuple, where: Callable) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad():
+        return ConfigError(f"{where(path)}: '{_dotted(path)}' must be {_describe(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path, where)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, where, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(args[0], v, path + (i,), where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return {str(k): _coerce(args[1], v, path + (k,), where) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise TypeError(f"unsupported config field type {tp!r} at {_dotted(path)}")
+
+
+def field_aliases(cls) -> dict:
+    """Alias spelling -> field name, from ``field(metadata={"aliases": [...]})``."""
+    return {alias: f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
+
+
+def parse(cls, data, where: Callable = lambda path: "config", path: tuple = ()):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a clear message."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(path)}: '{_dotted(path) or 'config'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = field_aliases(cls)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name not in fields:
+            known = sorted(fields) + sorted(aliases)
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{where(path + (key,))}: unknown key '{_dotted(path + (key,))}'{hint}; "
+                              f"valid keys here: {', '.join(sorted(fields))}")
+        if name in values:
+            raise ConfigError(f"{where(path + (key,))}: '{_dotted(path + (key,))}' given twice "
+                              f"(as '{name}' and an alias)")
+        values[name] = _coerce(hints[name], value, path + (key,), where)
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where(path)}: missing required key '{_dotted(path + (name,))}'")
+    obj = cls(**values)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as exc:
+            raise ConfigError(f"{where(path)}: {exc}") from None
+    return obj
+
+
+def to_dict(obj) -> Any:
+    """Dataclasses to plain YAML-able values (for the resolved config)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunOptions:
+    """``run:`` the loop. Defaults follow the authors' scripts (SPEC §2)."""
+
+    steps: int = 1000
+    seed: int = 1234
+    out: str = "runs/scalebio"
+    global_batch: int = 128  # training samples per step, over all micro-batches and data-parallel ranks
+    micro_batch: int = 8  # samples per forward pass on one rank
+    val_batch: int = 64  # fresh validation samples per step
+    log_every: int = 10  # console table every N steps (metrics.jsonl gets every step)
+    progress: bool = True
+    save_final: bool = False  # write the final w (and u) under out/final
+
+    def validate(self):
+        for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimOptions:
+    """``optim:`` AdamW for u and w, and the schedule shared by all three learning rates."""
+
+    lr: float = 1e-5  # lr_u = lr_w unless set apart
+    lr_u: Optional[float] = None
+    lr_w: Optional[float] = None
+    weight_decay: float = 5e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # on the unscaled gradients: of L2(u) for u, of L1 + alpha*L2 for w; 0 = off
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = 0.03  # fraction of the steps with linear warmup
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+
+    def validate(self):
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"optim.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+    @property
+    def lr_u_value(self) -> float:
+        return self.lr if self.lr_u is None else self.lr_u
+
+    @property
+    def lr_w_value(self) -> float:
+        return self.lr if self.lr_w is None else self.lr_w
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` the architecture, named as megatron-core's TransformerConfig / GPTModel arguments."""
+
+    name: str = "unnamed"
+    family: str = "qwen2"  # qwen2, llama, mistral, gpt2 ... (conversion uses it)
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention
+    kv_channels: Optional[int] = None  # None: hidden_size / num_attention_heads
+    ffn_hidden_size: int = 256
+    vocab_size: int = 256  # the tokenizer's vocabulary; padding for TP is the backend's job
+    max_sequence_length: int = 2048
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    layernorm_epsilon: float = 1e-6
+    activation: Literal["swiglu", "gelu", "gelu_tanh", "silu"] = "swiglu"
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    share_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    # run-config defaults for this model, by plugin name (e.g. suggested LISA settings, layout)
+    plugin_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self):
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_query_groups={groups}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                              f"{self.num_attention_heads}; set kv_channels")
+
+
+@dataclass
+class SourceConfig:
+    """One training source or the validation set: a local JSONL file."""
+
+    path: str
+    format: Literal["text", "prompt_response"] = "text"
+    max_samples: Optional[int] = None  # keep the first N samples
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["sentencepiece"] = "sentencepiece"
+    path: str = ""
+    add_bos: bool = True
+    add_eos: bool = True
+
+
+@dataclass
+class DataConfig:
+    """``data:`` named training sources, the validation set and the tokenizer."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    validation: Optional[SourceConfig] = None
+    tokenizer: Optional[TokenizerConfig] = None
+    seq_length: int = 1024
+
+
+CORE_SECTIONS = ("plugins", "run", "optim", "model", "data")
+
+
+@dataclass
+class RunConfig:
+    run: RunOptions
+    optim: OptimOptions
+    model: ModelConfig
+    data: DataConfig
+    plugins: list  # names asked for (config file ``plugins:`` plus ``--plugins``)
+    sections: dict  # raw plugin option sections by plugin name
+    layers: Layers = field(repr=False, default=None)
+
+    def plugin_options(self, plugin_name: str, options_cls):
+        """Parse the section named after a plugin into its Options dataclass."""
+        return parse(options_cls, self.sections.get(plugin_name, {}), self.layers.where, (plugin_name,))
+
+
+def parse_layers(layers: Layers, plugin_names) -> RunConfig:
+    """Type-check merged layers. ``plugin_names`` are the installed plugins (valid sections)."""
+    data = layers.data
+    for key in data:
+        if key not in CORE_SECTIONS and key not in plugin_names:
+            known = list(CORE_SECTIONS) + sorted(plugin_names)
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{layers.where((key,))}: unknown section '{key}'{hint}; valid sections: "
+                              f"{', '.join(CORE_SECTIONS)} and the plugin names {', '.join(sorted(plugin_names))}")
+    plugins = data.get("plugins", [])
+    if isinstance(plugins, str):
+        plugins = [p.strip() for p in plugins.split(",")]
+    plugins = _coerce(list[str], plugins, ("plugins",), layers.where)
+    return RunConfig(
+        run=parse(RunOptions, data.get("run"), layers.where, ("run",)),
+        optim=parse(OptimOptions, data.get("optim"), layers.where, ("optim",)),
+        model=parse(ModelConfig, data.get("model"), layers.where, ("model",)),
+        data=parse(DataConfig, data.get("data"), layers.where, ("data",)),
+        plugins=plugins,
+        sections={k: v for k, v in data.items() if k not in CORE_SECTIONS},
+        layers=layers,
+    )
+
+
+# --------------------------------------------------------------------------- model lookup
+
+
+def model_configs_dir() -> Path:
+    from . import model_configs  # the repository's model_configs/ folder, shipped in the package
+
+    return Path(model_configs.__path__[0])
+
+
+def available_models() -> list:
+    return sorted(p.stem for p in model_configs_dir().glob("*.yaml"))
+
+
+def find_model(name: str) -> Path:
+    """A path to a model YAML, or the name of one in model_configs/."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = model_configs_dir() / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    hint = difflib.get_close_matches(name, available_models(), n=1)
+    hint = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"unknown model '{name}'{hint}: not a YAML file and not in {model_configs_dir()}. "
+                      f"Available: {', '.join(available_models())}")

@@ -1,0 +1,115 @@
+"""What a run leaves in its directory: resolved config, metrics.jsonl, weights.json, the pi
+trajectory as CSV and PNG. Files that are replaced are written atomically (temp file + rename),
+so a crash or kill never leaves a half-written one."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes the run directory. Only the main rank makes one; other ranks pass ``enabled=False``."""
+
+    def __init__(self, out_dir: Path, source_names: list, enabled: bool = True):
+        self.out_dir = Path(out_dir)
+        self.source_names = list(source_names)
+        self.enabled = enabled
+        self.trajectory: list = []  # (step, [pi...]) pairs, pi *used* at that step
+        self._metrics = None
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics = open(self.out_dir / "metrics.jsonl", "w", encoding="utf-8")
+
+    def write_config(self, resolved: dict) -> None:
+        if self.enabled:
+            atomic_write(self.out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    def step(self, record: dict) -> None:
+        self.trajectory.append((record["step"], [record["pi"][n] for n in self.source_names]))
+        if self.enabled:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+
+    def finish(self, final_step: int, final_pi: list, extra: dict | None = None) -> None:
+        """weights.json (final pi by source name), pi.csv and pi.png."""
+        self.trajectory.append((final_step, list(final_pi)))
+        if not self.enabled:
+            return
+        self._metrics.close()
+        weights = {n: float(p) for n, p in zip(self.source_names, final_pi)}
+        atomic_write(self.out_dir / "weights.json", json.dumps(weights, indent=2) + "\n")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step"] + self.source_names)
+        for step, pi in self.trajectory:
+            w.writerow([step] + [f"{p:.8g}" for p in pi])
+        atomic_write(self.out_dir / "pi.csv", buf.getvalue())
+        self.plot(self.out_dir / "pi.png", extra or {})
+
+    def plot(self, path: Path, extra: dict) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [s for s, _ in self.trajectory]
+        val = extra.get("val_loss")
+        fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6.5, 4), squeeze=False)
+        ax = axes[0][0]
+        for i, name in enumerate(self.source_names):
+            ax.plot(steps, [pi[i] for _, pi in self.trajectory], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("source weight $\\pi$")
+        ax.set_ylim(0, 1)
+        ax.set_title("learned source weights")
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+        if val:
+            ax = axes[0][1]
+            ax.plot(val[0], val[1], color="black", lw=1)
+            ax.set_xlabel("step")
+            ax.set_ylabel("validation loss of w")
+            ax.set_title("validation loss")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._metrics is not None and not self._metrics.closed:
+            self._metrics.close()
+
+
+def weights_table(source_names: list, initial: list, final: list, last: dict | None = None) -> str:
+    """The table printed at the end of a run."""
+    head = f"{'source':<20} {'initial pi':>10} {'final pi':>10}"
+    if last:
+        head += f" {'loss u':>9} {'loss w':>9}"
+    lines = [head, "-" * len(head)]
+    order = sorted(range(len(source_names)), key=lambda i: -final[i])
+    for i in order:
+        name = source_names[i]
+        row = f"{name:<20} {initial[i]:>10.4f} {final[i]:>10.4f}"
+        if last:
+            lu, lw = last["loss_u"].get(name), last["loss_w"].get(name)
+            row += f" {lu:>9.4f}" if lu is not None else f" {'-':>9}"
+            row += f" {lw:>9.4f}" if lw is not None else f" {'-':>9}"
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The four roles a plugin can play, and the small data types they exchange.
+
+A role hook (see :mod:`scalebio.hookspecs`) returns one of these classes. Each class declares
+its options as a dataclass in ``Options``; the run config section named after the plugin is
+parsed into it (unknown keys are errors) and passed to the constructor.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+MODELS = ("u", "w")  # the two model copies of the minimax problem (SPEC §2)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm became NaN or inf; the run stops (exit code 3) before writing bad weights."""
+
+
+@dataclass
+class NoOptions:
+    """Options of a plugin that takes none."""
+
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass
+class Batch:
+    """A global batch, identical on every rank; the backend takes its own share of it.
+
+    Row i is one sample: ``tokens[i]`` are the inputs, ``labels[i]`` the next-token targets,
+    ``loss_mask[i]`` is 1 where the target is supervised, ``source[i]`` the source id
+    (index into the sorted source names) or -1 for a validation row.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    source: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, index) -> "Batch":
+        return Batch(self.tokens[index], self.labels[index], self.loss_mask[index], self.source[index])
+
+    def source_counts(self, num_sources: int) -> torch.Tensor:
+        """Samples per source (float64, length ``num_sources``); validation rows are not counted."""
+        src = self.source[self.source >= 0]
+        return torch.bincount(src, minlength=num_sources).to(torch.float64)
+
+    def supervised_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+
+@dataclass
+class PassResult:
+    """Detached statistics of one pass, summed over the global batch and identical on all ranks.
+
+    ``loss_sum[k]`` is the sum over source-k samples of the per-sample loss (token mean over
+    that sample's supervised tokens), ``count[k]`` the number of such samples. Validation rows
+    contribute token sums: ``val_loss_sum`` over ``val_tokens`` supervised tokens.
+    """
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    val_loss_sum: float = 0.0
+    val_tokens: float = 0.0
+
+    def mean(self) -> torch.Tensor:
+        """Mean per-sample loss by source; NaN for a source absent from the batch."""
+        out = torch.full_like(self.loss_sum, float("nan"))
+        present = self.count > 0
+        out[present] = self.loss_sum[present] / self.count[present]
+        return out
+
+    @property
+    def val_loss(self) -> float:
+        return self.val_loss_sum / self.val_tokens if self.val_tokens else float("nan")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Trainable decoder layers (global indices, 0-based) per model, from a layer selection.
+
+    ``keep_state``: whether a layer trainable both before and after this switch keeps its
+    optimizer moments (``False`` resets every body layer). Embeddings, the final norm and the
+    output layer are always trainable and always keep their state.
+    """
+
+    layers: Mapping[str, frozenset]
+    keep_state: bool = False
+
+
+@dataclass
+class RunContext:
+    """What a plugin can see of the run. Filled in by :mod:`scalebio.runner` as it builds."""
+
+    config: Any  # scalebio.config.RunConfig
+    source_names: list
+    out_dir: Path
+    hooks: Any = None  # pluggy hook relay, for observer hooks
+    backend: Optional["Backend"] = None
+    weights: Optional["Weights"] = None
+    layers: Optional["LayerSelection"] = None
+    solver: Optional["Solver"] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.backend.is_main if self.backend is not None else True
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class Role:
+    """Common base: declared options and checkpointable state."""
+
+    Options: type = NoOptions
+    #: the plugin (entry-point) name that provided this class; set by the plugin manager
+    plugin_name: str = ""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Weights(Role):
+    """Source weights pi on the simplex, and the update of their parameters."""
+
+    def __init__(self, options, source_names: list):
+        self.options = options
+        self.source_names = list(source_names)
+
+    def probs(self) -> torch.Tensor:
+        """Current pi: float64, length K, non-negative, sums to 1."""
+        raise NotImplementedError
+
+    def update(self, grad_pi: torch.Tensor, lr_scale: float) -> None:
+        """One update from ``grad_pi`` = dF/dpi (float64, length K).
+
+        ``lr_scale`` is the learning-rate schedule factor of this step (warmup/cosine), to be
+        multiplied into the plugin's own learning rate.
+        """
+        raise NotImplementedError
+
+
+class LayerSelection(Role):
+    """Which decoder layers of u and w train at each step."""
+
+    def __init__(self, options, num_layers: int, seed: int):
+        self.options = options
+        self.num_layers = num_layers
+        self.seed = seed
+
+    def select(self, step: int) -> Optional[Selection]:
+        """The new trainable set at ``step``, or None to keep the current one.
+
+        Must return a Selection at step 0 and give the same answer on every rank.
+        """
+        raise NotImplementedError
+
+
+class Backend(Role):
+    """Builds and trains u and w. All parallelism lives behind this interface."""
+
+    def __init__(self, options, run: RunContext):
+        """Cheap: parse and validate (layout against model and batch sizes). No heavy work."""
+        self.options = options
+        self.run = run
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one rank that writes outputs."""
+        return True
+
+    def setup(self) -> None:
+        """Heavy: start the process groups, build u and w with identical weights."""
+        raise NotImplementedError
+
+    def set_trainable(self, model: str, layers: frozenset, keep_state: bool) -> None:
+        """Make exactly ``layers`` (global decoder-layer indices) plus embeddings, final norm and
+        output layer trainable in ``model``. Frozen parameters must hold no gradient buffer and
+        no optimizer state."""
+        raise NotImplementedError
+
+    def forward_backward(self, model: str, train: Optional[Batch], source_coef: Optional[torch.Tensor],
+                         val: Optional[Batch] = None, val_token_coef: float = 0.0) -> PassResult:
+        """Accumulate into ``model``'s gradients the gradient of
+
+            sum_i source_coef[source_i] * loss_i  +  val_token_coef * sum_{val tokens} CE
+
+        over the global batches (loss_i: per-sample mean loss), in one pass, and return the
+        detached statistics. Everything that shapes gradients happens in this call.
+        """
+        raise NotImplementedError
+
+    def evaluate(self, model: str, batch: Batch, num_sources: int) -> PassResult:
+        """Forward only: the statistics of ``batch`` under ``model``."""
+        raise NotImplementedError
+
+    def optimizer_step(self, model: str, lr: float, clip_grad: float) -> dict:
+        """Clip (``clip_grad`` > 0), step ``model``'s optimizer at ``lr`` and zero its gradients.
+        Returns at least ``grad_norm`` (before clipping)."""
+        raise NotImplementedError
+
+    def trainable_state_bytes(self, model: str) -> dict:
+        """Bytes held on this rank for ``model``'s gradients and optimizer state."""
+        raise NotImplementedError
+
+    def save_model(self, model: str, path: Path) -> None:
+        """Write ``model``'s weights under ``path`` (a directory the caller makes atomic)."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+
+    def broadcast_object(self, obj):
+        """The main rank's ``obj`` on every rank (identity in a single process)."""
+        return obj
+
+    def close(self) -> None:
+        pass
+
+
+class Solver(Role):
+    """One bilevel step."""
+
+    def __init__(self, options, run: RunContext):
+        self.options = options
+        self.run = run
+
+    def step(self, step: int, batch: Batch, val_batch: Batch) -> dict:
+        """Run step ``step`` on the train batch and a fresh validation batch; return metrics."""
+        raise NotImplementedError
+
+
+ROLE_BASES = {"solver": Solver, "layer_selection": LayerSelection, "weights": Weights, "backend": Backend}
+
+
+def options_dict(options) -> dict:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

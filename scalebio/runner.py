@@ -1,0 +1,242 @@
+"""The run: configuration -> plugins -> data -> backend -> steps -> outputs.
+
+Everything heavy (process groups, models) starts only after the configuration, the plugin
+selection, every plugin's options, the layout and the data have been checked.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
+from .data import RunData
+from .outputs import RunWriter, weights_table
+from .plugins import Plugins
+from .roles import MODELS, RunContext, options_dict
+from .tokenizer import load_tokenizer
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+@dataclass
+class RunRequest:
+    """What the command line asks for. Anything unset falls back to the embedded demo."""
+
+    model: Optional[str] = None
+    data: Optional[str] = None
+    configs: tuple = ()
+    sets: tuple = ()
+    plugins: tuple = ()
+    steps: Optional[int] = None
+    out: Optional[str] = None
+    seed: Optional[int] = None
+    overwrite: bool = False
+
+
+@dataclass
+class Prepared:
+    config: RunConfig
+    plugins: Plugins
+    classes: dict  # role -> class
+    options: dict  # role -> parsed Options
+    demo: bool
+
+
+def build_layers(req: RunRequest) -> tuple:
+    layers = Layers()
+    demo = req.data is None
+    model_path = find_model(req.model or "tiny")
+    layers.add_file(model_path, "model")
+    if "name" not in layers.data["model"]:
+        layers.add({"name": model_path.stem}, str(model_path), ("model",))
+    # a model's suggested plugin settings (e.g. LISA gamma, default layout) sit below user settings
+    for plugin, section in (layers.data["model"].pop("plugin_defaults", None) or {}).items():
+        layers.add({plugin: section}, f"{model_path} (plugin_defaults)")
+    if demo:
+        layers.add_file(DEMO_DIR / "run.yaml")
+        layers.add_file(DEMO_DIR / "data.yaml", "data")
+    else:
+        layers.add_file(req.data, "data")
+    for path in req.configs:
+        layers.add_file(path)
+    for flag, section, key in ((req.steps, "run", "steps"), (req.out, "run", "out"), (req.seed, "run", "seed")):
+        if flag is not None:
+            layers.add({section: {key: flag}}, f"--{key} {flag}")
+    for assignment in req.sets:
+        layers.add_override(assignment)
+    return layers, demo
+
+
+def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
+    """Check everything that can be checked without building a model."""
+    layers, demo = build_layers(req)
+    if plugins is None:
+        from .plugins import discover
+
+        infos = discover()
+    else:
+        infos = plugins.infos
+    config = parse_layers(layers, set(infos))
+    if plugins is None:
+        plugins = Plugins(list(config.plugins) + list(req.plugins), infos=infos)
+    classes = {role: plugins.role_class(role) for role in plugins.selected}
+    options = {role: config.plugin_options(cls.plugin_name, cls.Options) for role, cls in classes.items()}
+    # sections of installed plugins not in this run are still checked, so a typo is not ignored
+    for name, section in config.sections.items():
+        if name in plugins.selected.values():
+            continue
+        info = plugins.infos[name]
+        if info.error is None and info.roles:
+            cls = getattr(info.plugin, f"scalebio_{info.roles[0]}")()
+            config.plugin_options(name, cls.Options)
+    return Prepared(config, plugins, classes, options, demo)
+
+
+def resolved_config(p: Prepared) -> dict:
+    cfg = p.config
+    out = {"scalebio_version": __version__,
+           "plugins": dict(p.plugins.selected),
+           "run": to_dict(cfg.run), "optim": to_dict(cfg.optim),
+           "model": to_dict(cfg.model), "data": to_dict(cfg.data)}
+    for role, opts in p.options.items():
+        out[p.classes[role].plugin_name] = options_dict(opts)
+    return out
+
+
+def _out_dir(cfg: RunConfig, overwrite: bool) -> Path:
+    out = Path(cfg.run.out.format(model=cfg.model.name, time=time.strftime("%Y%m%d-%H%M%S")))
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {out} already exists and is not empty; give another --out "
+                              f"or pass --overwrite")
+        if (out / "metrics.jsonl").exists():
+            shutil.rmtree(out)
+    return out
+
+
+def _say(ctx_main: bool, *msg) -> None:
+    if ctx_main:
+        print(*msg, flush=True)
+
+
+def execute(p: Prepared, overwrite: bool = False) -> dict:
+    cfg = p.config
+    main = int(os.environ.get("RANK", "0")) == 0
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
+    data = RunData(cfg.data, tokenizer, cfg.run.seed)
+    names = data.source_names
+    out_dir = _out_dir(cfg, overwrite) if main else None
+    ctx = RunContext(config=cfg, source_names=names, out_dir=out_dir, hooks=p.plugins.hook)
+    backend = p.classes["backend"](p.options["backend"], ctx)  # checks the layout; builds nothing
+    ctx.backend = backend
+    if p.demo:
+        _say(main, "No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
+                   "Python's documentation, two of them corrupted).")
+    _say(main, "plugins: " + ", ".join(f"{r.replace('_', ' ')}={n}" for r, n in p.plugins.selected.items()))
+    for line in data.summary():
+        _say(main, "  data  " + line)
+    writer = None
+    try:
+        backend.setup()
+        # every rank must agree on the directory (checkpoints are written by all of them)
+        ctx.out_dir = Path(backend.broadcast_object(str(out_dir) if main else None))
+        writer = RunWriter(ctx.out_dir, names, enabled=ctx.is_main)
+        writer.write_config(resolved_config(p))
+        ctx.weights = p.classes["weights"](p.options["weights"], names)
+        ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], backend.num_layers, cfg.run.seed)
+        ctx.solver = p.classes["solver"](p.options["solver"], ctx)
+        result = _loop(ctx, data, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+        backend.close()
+    return result
+
+
+def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
+    cfg, backend, names = ctx.config, ctx.backend, ctx.source_names
+    main = ctx.is_main
+    initial = ctx.weights.probs().tolist()
+    records = []
+    bar = None
+    if main and cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.steps, desc="scalebio", unit="step", dynamic_ncols=True, file=sys.stderr)
+    log = bar.write if bar is not None else print
+    if main:
+        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+    for step in range(cfg.run.steps):
+        t0 = time.perf_counter()
+        selection = ctx.layers.select(step)
+        if selection is not None:
+            for m in MODELS:
+                backend.set_trainable(m, selection.layers[m], selection.keep_state)
+        pi = ctx.weights.probs().tolist()
+        metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
+        record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
+        if selection is not None:
+            record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in MODELS}
+        records.append(record)
+        writer.step(record)
+        ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(val_loss=f"{record['val_loss']:.3f}")
+        if main and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
+            log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
+    if bar is not None:
+        bar.close()
+    final = ctx.weights.probs().tolist()
+    tail = records[-max(1, len(records) // 10):]
+    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")}
+    writer.finish(cfg.run.steps, final, {"val_loss": ([r["step"] for r in records],
+                                                      [r["val_loss"] for r in records])})
+    if cfg.run.save_final:
+        _save_final(ctx)
+    if main:
+        print(f"\nLearned source weights after {cfg.run.steps} steps (losses: mean of the last "
+              f"{len(tail)} steps):")
+        print(weights_table(names, initial, final, last))
+        print(f"\nrun directory: {ctx.out_dir}  (weights.json, metrics.jsonl, pi.csv, pi.png, config.yaml)")
+    result = {"weights": dict(zip(names, final)), "steps": cfg.run.steps, "out_dir": str(ctx.out_dir),
+              "initial": dict(zip(names, initial)), "last": last}
+    ctx.hooks.scalebio_run_end(run=ctx, result=result)
+    return result
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _save_final(ctx: RunContext) -> None:
+    """u and w under out/final, written to a temporary directory first and renamed when complete."""
+    final = ctx.out_dir / "final"
+    tmp = ctx.out_dir / "final.partial"
+    if ctx.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    ctx.backend.barrier()
+    for m in MODELS:
+        ctx.backend.save_model(m, tmp / m)
+    ctx.backend.barrier()
+    if ctx.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    ctx.backend.barrier()
+    ctx.hooks.scalebio_checkpoint_saved(run=ctx, step=ctx.config.run.steps, path=str(final))
+
+
+def run(req: RunRequest) -> dict:
+    return execute(prepare(req), overwrite=req.overwrite)
+
