@@ -83,11 +83,14 @@ class Layers:
     def __init__(self):
         self.data: dict = {}
         self.origin: dict = {}
+        self.rank: dict = {}  # key path -> index of the layer that set it (later layers win)
+        self._layer = 0
 
     def add(self, data: dict, origin: str, prefix: tuple = ()) -> None:
         target = self.data
         for key in prefix:
             target = target.setdefault(key, {})
+        self._layer += 1
         self._merge(target, data, origin, prefix)
 
     def _merge(self, target: dict, data: dict, origin: str, path: tuple) -> None:
@@ -102,6 +105,7 @@ class Layers:
 
     def _mark(self, path: tuple, value, origin: str) -> None:
         self.origin[path] = origin
+        self.rank[path] = self._layer
         if isinstance(value, dict):
             for key, sub in value.items():
                 self._mark(path + (key,), sub, origin)
@@ -146,8 +150,10 @@ def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
+    if origin in (list, dict, tuple):
         return f"a {origin.__name__}"
+    if tp in (list, dict):
+        return f"a {tp.__name__}"
     if origin is typing.Union:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -181,10 +187,21 @@ def _coerce(tp, value, path: tuple, where: Callable) -> Any:
         raise bad()
     if dataclasses.is_dataclass(tp):
         return parse(tp, value, where, path)
+    if tp in (list, dict):  # bare annotations: any contents
+        if not isinstance(value, tp):
+            raise bad()
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise bad()
         return [_coerce(args[0], v, path + (i,), where) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        items = args[:-1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise bad()
+        return tuple(_coerce(t, v, path + (i,), where) for i, (t, v) in enumerate(zip(items, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise bad()
@@ -212,7 +229,9 @@ def _coerce(tp, value, path: tuple, where: Callable) -> Any:
         if isinstance(value, str):
             return value
         raise bad()
-    raise TypeError(f"unsupported config field type {tp!r} at {_dotted(path)}")
+    if isinstance(tp, type) and isinstance(value, tp):  # any other plain class a plugin annotates with
+        return value
+    raise bad()
 
 
 def field_aliases(cls) -> dict:
@@ -399,7 +418,17 @@ class RunConfig:
 
     def plugin_options(self, plugin_name: str, options_cls):
         """Parse the section named after a plugin into its Options dataclass."""
-        return parse(options_cls, self.sections.get(plugin_name, {}), self.layers.where, (plugin_name,))
+        section = self.sections.get(plugin_name)
+        if isinstance(section, dict):
+            section = dict(section)
+        # an alias and its field set by different layers: the later layer wins (e.g. a user's
+        # lisa_interval_steps over a model's suggested interval); in one layer both are an error
+        for alias, name in field_aliases(options_cls).items():
+            if isinstance(section, dict) and alias in section and name in section:
+                ranks = [self.layers.rank.get((plugin_name, k), 0) for k in (alias, name)]
+                if ranks[0] != ranks[1]:
+                    section.pop(name if ranks[0] > ranks[1] else alias)
+        return parse(options_cls, section, self.layers.where, (plugin_name,))
 
 
 def parse_layers(layers: Layers, plugin_names) -> RunConfig:

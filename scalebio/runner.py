@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -120,14 +121,15 @@ def _out_dir(cfg: RunConfig, overwrite: bool) -> Path:
     return out
 
 
-def _say(ctx_main: bool, *msg) -> None:
-    if ctx_main:
-        print(*msg, flush=True)
+@contextmanager
+def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True):
+    """Tokenizer, data, backend (set up), weights, layer selection and solver of a prepared run.
 
-
-def execute(p: Prepared, overwrite: bool = False) -> dict:
+    Yields ``(ctx, data)``; the backend (process groups, models) is closed on exit.
+    """
     cfg = p.config
     main = int(os.environ.get("RANK", "0")) == 0
+    say = verbose and main
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -136,30 +138,35 @@ def execute(p: Prepared, overwrite: bool = False) -> dict:
     names = data.source_names
     out_dir = _out_dir(cfg, overwrite) if main else None
     ctx = RunContext(config=cfg, source_names=names, out_dir=out_dir, hooks=p.plugins.hook)
-    backend = p.classes["backend"](p.options["backend"], ctx)  # checks the layout; builds nothing
-    ctx.backend = backend
-    if p.demo:
-        _say(main, "No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
-                   "Python's documentation, two of them corrupted).")
-    _say(main, "plugins: " + ", ".join(f"{r.replace('_', ' ')}={n}" for r, n in p.plugins.selected.items()))
-    for line in data.summary():
-        _say(main, "  data  " + line)
-    writer = None
+    ctx.backend = p.classes["backend"](p.options["backend"], ctx)  # checks the layout; builds nothing
+    if say and p.demo:
+        print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
+              "Python's documentation, two of them corrupted).")
+    if say:
+        print("plugins: " + ", ".join(f"{r.replace('_', ' ')}={n}" for r, n in p.plugins.selected.items()))
+        for line in data.summary():
+            print("  data  " + line, flush=True)
     try:
-        backend.setup()
+        ctx.backend.setup()
         # every rank must agree on the directory (checkpoints are written by all of them)
-        ctx.out_dir = Path(backend.broadcast_object(str(out_dir) if main else None))
-        writer = RunWriter(ctx.out_dir, names, enabled=ctx.is_main)
-        writer.write_config(resolved_config(p))
+        ctx.out_dir = Path(ctx.backend.broadcast_object(str(out_dir) if main else None))
         ctx.weights = p.classes["weights"](p.options["weights"], names)
-        ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], backend.num_layers, cfg.run.seed)
+        ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers,
+                                                  cfg.run.seed)
         ctx.solver = p.classes["solver"](p.options["solver"], ctx)
-        result = _loop(ctx, data, writer)
+        yield ctx, data
     finally:
-        if writer is not None:
+        ctx.backend.close()
+
+
+def execute(p: Prepared, overwrite: bool = False) -> dict:
+    with open_run(p, overwrite) as (ctx, data):
+        writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
+        try:
+            writer.write_config(resolved_config(p))
+            return _loop(ctx, data, writer)
+        finally:
             writer.close()
-        backend.close()
-    return result
 
 
 def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:

@@ -88,6 +88,7 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
         bias_dropout_fusion=use_te,
         masked_softmax_fusion=use_te,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # the default "full" is deprecated and warns on every build
     )
     if layout.first_stage_layers is not None:
         kw["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers

@@ -1,0 +1,30 @@
+"""Fixtures: open a tiny real run (backend set up) and keep tests single-process."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import tiny_request
+from scalebio.runner import open_run, prepare
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Open a tiny run (backend set up, models built); closes process groups afterwards."""
+    opened = []
+
+    def _open(*sets, plugins=(), data=None, steps=3):
+        cm = open_run(prepare(tiny_request(tmp_path, *sets, plugins=plugins, data=data, steps=steps)),
+                      verbose=False)
+        opened.append(cm)
+        return cm.__enter__()
+
+    yield _open
+    for cm in reversed(opened):
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch):
+    # a test process is never a torchrun rank
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
