@@ -387,7 +387,9 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: Literal["sentencepiece"] = "sentencepiece"
+    # auto: a directory with tokenizer.json -> huggingface; a .model file (or a directory with
+    # tokenizer.model) -> sentencepiece
+    type: Literal["auto", "sentencepiece", "huggingface"] = "auto"
     path: str = ""
     add_bos: bool = True
     add_eos: bool = True
