@@ -80,8 +80,10 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
         # batched p2p pairs up wrongly on gloo when next and previous stage are the same rank
         # (interleaved PP=2 gives silently wrong gradients); separate send/recv is always correct
         batch_p2p_comm=False,
-        use_cpu_initialization=True,
-        perform_initialization=False,  # init_weights_ below sets every parameter
+        # megatron's own init also tags each parameter with its tensor-parallel split, which
+        # init_weights_ and checkpoint loading rely on; init_weights_ then overwrites the values
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
         gradient_accumulation_fusion=use_te,
         apply_rope_fusion=use_te,
         bias_activation_fusion=use_te,
@@ -191,8 +193,9 @@ def _seed_for(seed: int, name: str) -> int:
 def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None:
     """Seeded init, the same full tensors at every layout.
 
-    Each parameter's full tensor is drawn from a generator seeded by (seed, global name) and
-    this rank keeps its shard. Distributions follow megatron-core's defaults: N(0, std) for
+    Each parameter's full tensor is drawn from a generator seeded by (seed, global name) on the
+    parameter's device and this rank keeps its shard (the same on every layout of one device type;
+    CPU and CUDA generators differ). Distributions follow megatron-core's defaults: N(0, std) for
     weights and embeddings, N(0, std / sqrt(2 * num_layers)) for the two output projections
     of each layer, ones for norm weights, zeros for biases.
     """
@@ -206,14 +209,15 @@ def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None
                 name = "embedding.word_embeddings.weight"  # the last stage's copy of a tied embedding
             shape = full_shape(param, tp_world)
             leaf = name.rsplit(".", 1)[-1]
+            dev = param.device  # draw where the parameter lives: a GPU draws its own shards fast
             if "layernorm" in name or leaf.startswith("layer_norm"):  # local spec / TE fused norms
-                full = torch.ones(shape) if leaf.endswith("weight") else torch.zeros(shape)
+                full = torch.ones(shape, device=dev) if leaf.endswith("weight") else torch.zeros(shape, device=dev)
             elif name.endswith("bias"):
-                full = torch.zeros(shape)
+                full = torch.zeros(shape, device=dev)
             else:
-                gen = torch.Generator().manual_seed(_seed_for(seed, name))
+                gen = torch.Generator(device=dev).manual_seed(_seed_for(seed, name))
                 s = scaled if ("linear_proj" in name or "linear_fc2" in name) else std
-                full = torch.empty(shape).normal_(0.0, s, generator=gen)
+                full = torch.empty(shape, device=dev).normal_(0.0, s, generator=gen)
             param.copy_(shard(full, tp_split(param), tp_rank, tp_world).to(param.dtype))
 
 
