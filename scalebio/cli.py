@@ -21,6 +21,10 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=None, help="run.seed")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override any setting, e.g. --set lisa.gamma=4 --set optim.lr=2e-6; repeatable")
+    ap.add_argument("--tp", type=int, default=None, help="tensor parallel size (the backend's tp option)")
+    ap.add_argument("--pp", type=int, default=None, help="pipeline parallel size (the backend's pp option)")
+    ap.add_argument("--vpp", type=int, default=None,
+                    help="virtual pipeline stages per rank, for the interleaved schedule (the backend's vpp option)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ap.add_argument("--list-plugins", action="store_true", help="list installed plugins and exit")
 
@@ -57,7 +61,8 @@ def cmd_run(args) -> int:
 
     req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
                      plugins=tuple(p.strip() for p in args.plugins.split(",") if p.strip()),
-                     steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite)
+                     steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite,
+                     tp=args.tp, pp=args.pp, vpp=args.vpp)
     try:
         run(req)
     except (ConfigError, DataError, PluginError) as exc:

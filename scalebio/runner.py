@@ -38,6 +38,10 @@ class RunRequest:
     out: Optional[str] = None
     seed: Optional[int] = None
     overwrite: bool = False
+    # parallel layout shorthands, applied to the selected backend's options
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: Optional[int] = None
 
 
 @dataclass
@@ -86,6 +90,11 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
     config = parse_layers(layers, set(infos))
     if plugins is None:
         plugins = Plugins(list(config.plugins) + list(req.plugins), infos=infos)
+    layout = {key: value for key, value in (("tp", req.tp), ("pp", req.pp), ("vpp", req.vpp)) if value is not None}
+    if layout:
+        flags = " ".join(f"--{k} {v}" for k, v in layout.items())
+        layers.add({plugins.selected["backend"]: layout}, flags)
+        config = parse_layers(layers, set(infos))
     classes = {role: plugins.role_class(role) for role in plugins.selected}
     options = {role: config.plugin_options(cls.plugin_name, cls.Options) for role, cls in classes.items()}
     # sections of installed plugins not in this run are still checked, so a typo is not ignored

@@ -66,6 +66,8 @@ LAYOUTS = {
     "dp2": (2, (), ()),
     "pp2vpp2": (2, ("megatron.pp=2", "megatron.vpp=2"), ()),
     "pp2_uneven": (2, ("megatron.pp=2", "megatron.num_layers_in_first_pipeline_stage=1"), ()),
+    # vocab 2048 padded to 4000 rows at TP=2: padding is masked out of the loss
+    "tp2_vocab_padded": (2, ("megatron.tp=2", "megatron.make_vocab_size_divisible_by=1000"), ()),
     "tp2dp2_distopt": (4, ("megatron.tp=2", "megatron.use_distributed_optimizer=true"), ()),
     "dp2_distopt_keep": (2, ("megatron.use_distributed_optimizer=true",), KEEP),
     "pp2_keep": (2, ("megatron.pp=2",), KEEP),

@@ -76,7 +76,9 @@ def check_layout(config, opts: MegatronOptions, world: int) -> Layout:
     if tp < 1 or pp < 1:
         raise ConfigError(f"megatron: tensor and pipeline parallel sizes must be >= 1, got TP={tp}, PP={pp}")
     if world % (tp * pp):
-        raise ConfigError(f"megatron: world size {world} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}")
+        raise ConfigError(f"megatron: world size {world} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}: "
+                          f"launch with torchrun --nproc-per-node {tp * pp} (or a multiple), or choose --tp/--pp "
+                          f"whose product divides {world}")
     dp = world // (tp * pp)
     groups = model.num_query_groups or model.num_attention_heads
     if model.num_attention_heads % tp:

@@ -217,7 +217,12 @@ def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None
             else:
                 gen = torch.Generator(device=dev).manual_seed(_seed_for(seed, name))
                 s = scaled if ("linear_proj" in name or "linear_fc2" in name) else std
-                full = torch.empty(shape, device=dev).normal_(0.0, s, generator=gen)
+                vocab_rows = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+                # draw the real vocabulary only: padding (which depends on TP) must not change the draw
+                drawn = (model.vocab_size,) + shape[1:] if vocab_rows else shape
+                full = torch.empty(drawn, device=dev).normal_(0.0, s, generator=gen)
+                if drawn != shape:
+                    full = torch.cat([full, full.new_zeros((shape[0] - drawn[0],) + shape[1:])])
             param.copy_(shard(full, tp_split(param), tp_rank, tp_world).to(param.dtype))
 
 
