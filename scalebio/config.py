@@ -301,6 +301,7 @@ class RunOptions:
     log_every: int = 10  # console table every N steps (metrics.jsonl gets every step)
     progress: bool = True
     save_final: bool = False  # write the final w (and u) under out/final
+    load: Optional[str] = None  # a converted checkpoint both u and w start from (tools/convert.py)
 
     def validate(self):
         for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every"):
@@ -363,8 +364,11 @@ class ModelConfig:
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
-    # run-config defaults for this model, by plugin name (e.g. suggested LISA settings, layout)
-    plugin_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the published checkpoint this config describes (e.g. Qwen/Qwen2.5-32B): a run then needs --load
+    hf_name: Optional[str] = None
+    # run-configuration defaults for this model, by section: run, optim, data, or a plugin's name
+    # (e.g. the default parallel layout, suggested LISA settings, a micro-batch that fits)
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self):
         groups = self.num_query_groups or self.num_attention_heads

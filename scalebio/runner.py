@@ -60,9 +60,12 @@ def build_layers(req: RunRequest) -> tuple:
     layers.add_file(model_path, "model")
     if "name" not in layers.data["model"]:
         layers.add({"name": model_path.stem}, str(model_path), ("model",))
-    # a model's suggested plugin settings (e.g. LISA gamma, default layout) sit below user settings
-    for plugin, section in (layers.data["model"].pop("plugin_defaults", None) or {}).items():
-        layers.add({plugin: section}, f"{model_path} (plugin_defaults)")
+    # a model's suggested settings (layout, LISA gamma, micro-batch) sit below everything the user gives
+    defaults = layers.data["model"].pop("defaults", None) or {}
+    if not isinstance(defaults, dict) or "model" in defaults:
+        raise ConfigError(f"{model_path}: 'defaults' maps sections (run, optim, data, plugin names) to settings")
+    for section, values in defaults.items():
+        layers.add({section: values}, f"{model_path} (defaults)")
     if demo:
         layers.add_file(DEMO_DIR / "run.yaml")
         layers.add_file(DEMO_DIR / "data.yaml", "data")
@@ -139,15 +142,17 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True):
     cfg = p.config
     main = int(os.environ.get("RANK", "0")) == 0
     say = verbose and main
+    names = sorted(cfg.data.sources)  # source ids: positions in sorted order (scalebio.data)
+    ctx = RunContext(config=cfg, source_names=names, out_dir=None, hooks=p.plugins.hook)
+    # the backend checks layout, checkpoint and memory before any data is read; it builds nothing yet
+    ctx.backend = p.classes["backend"](p.options["backend"], ctx)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
     data = RunData(cfg.data, tokenizer, cfg.run.seed)
-    names = data.source_names
+    assert data.source_names == names
     out_dir = _out_dir(cfg, overwrite) if main else None
-    ctx = RunContext(config=cfg, source_names=names, out_dir=out_dir, hooks=p.plugins.hook)
-    ctx.backend = p.classes["backend"](p.options["backend"], ctx)  # checks the layout; builds nothing
     if say and p.demo:
         print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
               "Python's documentation, two of them corrupted).")

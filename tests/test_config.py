@@ -50,7 +50,7 @@ def test_set_overrides_win_and_bad_values_name_the_flag(tmp_path):
         prepare(tiny_request(tmp_path, "optim.schedule=step"))
 
 
-def test_model_plugin_defaults_sit_below_user_settings(tmp_path):
+def test_model_defaults_sit_below_user_settings(tmp_path):
     p = prepare(tiny_request(tmp_path, plugins=["lisa"]))
     assert p.options["layer_selection"].gamma == 2  # model_configs/tiny.yaml suggests gamma 2
     p = prepare(tiny_request(tmp_path, "lisa.gamma=3", plugins=["lisa"]))

@@ -59,3 +59,20 @@ def test_vocab_padding_follows_megatron_lm():
     assert padded_vocab_size(50257, 128, 1) == 50304
     assert padded_vocab_size(50257, 128, 8) == 51200
     assert padded_vocab_size(152064, 128, 8) == 152576
+
+
+def test_a_published_model_without_checkpoint_says_what_it_needs(tmp_path):
+    from scalebio.runner import RunRequest, open_run
+
+    req = RunRequest(model="qwen2.5-32b", plugins=("lisa", "simplex"), out=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"pretrained checkpoint Qwen/Qwen2.5-32B.*tools/convert.py hf-to-megatron"
+                                          r".*--load.*megatron.random_init=true"):
+        with open_run(prepare(req), verbose=False):
+            pass
+    # random weights on one CPU process: the two copies alone cannot fit, say so before building
+    req = RunRequest(model="qwen2.5-32b", plugins=("lisa",), out=str(tmp_path / "r"), tp=1,
+                     sets=("megatron.random_init=true",))
+    with pytest.raises(ConfigError, match=r"needs 122\.1 GiB per rank for the weights of u and w alone.*"
+                                          r"It needs GPUs.*tools/plan.py --model qwen2.5-32b"):
+        with open_run(prepare(req), verbose=False):
+            pass

@@ -50,6 +50,8 @@ class MegatronOptions:
     make_vocab_size_divisible_by: int = 128
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_minutes: float = 30.0
+    # start a published architecture (model.hf_name) from random weights, for benchmarks only
+    random_init: bool = False
 
 
 @dataclass
@@ -123,6 +125,60 @@ def check_layout(config, opts: MegatronOptions, world: int) -> Layout:
         raise ConfigError(f"megatron layout TP={tp} PP={pp} DP={dp} (world size {world}) is impossible: "
                           + "; ".join(problems))
     return Layout(world=world, tp=tp, pp=pp, dp=dp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+
+
+def check_checkpoint(config, opts: MegatronOptions) -> None:
+    """A published architecture from random weights is only good for benchmarks: say what is needed."""
+    model = config.model
+    if model.hf_name and not config.run.load and not opts.random_init:
+        raise ConfigError(
+            f"model {model.name} describes the pretrained checkpoint {model.hf_name}; reweighting data for it "
+            f"needs those weights. Convert them once (python tools/convert.py hf-to-megatron --hf "
+            f"PATH/TO/{model.hf_name.split('/')[-1]} --out ckpt/{model.name}) and pass --load ckpt/{model.name}, "
+            f"or pass --set megatron.random_init=true to benchmark with random weights")
+
+
+def _rank_memory() -> tuple:
+    """(bytes this rank can use, what they are): the GPU's memory, or its share of the host's."""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        return total, f"GPU {torch.cuda.get_device_name()}"
+    avail = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None, "unknown"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return avail // local, f"CPU, no CUDA; {local} rank(s) sharing the host's available memory"
+
+
+def check_memory(config, opts: MegatronOptions, layout: Layout) -> None:
+    """Refuse a run whose two model copies alone cannot fit on a rank, before building anything."""
+    from . import memory
+
+    avail, what = _rank_memory()
+    if avail is None:
+        return
+    run = config.run
+    work = memory.Workload(micro_batch=run.micro_batch, seq_length=config.data.seq_length,
+                           global_batch=run.global_batch, val_batch=run.val_batch, gamma=0,
+                           precision=opts.precision, distributed_optimizer=opts.use_distributed_optimizer,
+                           transformer_engine=torch.cuda.is_available(),
+                           make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by)
+    plan = memory.plan(config.model, memory.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp,
+                                                   first_stage_layers=layout.first_stage_layers,
+                                                   last_stage_layers=layout.last_stage_layers), work)
+    need = plan.worst.bytes["weights"]
+    if need > avail:
+        gib = memory.GiB
+        raise ConfigError(
+            f"model {config.model.name} at TP={layout.tp} PP={layout.pp} needs {need / gib:.1f} GiB per rank for the "
+            f"weights of u and w alone, and this rank has {avail / gib:.1f} GiB ({what}). It needs GPUs: see "
+            f"python tools/plan.py --model {config.model.name} --gpus 8 for layouts that fit, and launch with "
+            f"torchrun --nproc-per-node 8 tools/run.py ... (docs/scaling.md)")
 
 
 def _finalize_grads(model_chunks, num_tokens=None, **kwargs):
@@ -225,7 +281,7 @@ class _Replica:
         if self.optimizer is not None:
             for p, (main, state) in _optimizer_entries(self.optimizer).items():
                 opt += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-                if main.data_ptr() != p.data_ptr():  # a separate fp32 master copy
+                if main.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # a separate fp32 master
                     opt += main.numel() * main.element_size()
         return {"grads": grads, "optimizer": opt}
 
@@ -321,7 +377,9 @@ class MegatronBackend(Backend):
 
     def __init__(self, options: MegatronOptions, run):
         super().__init__(options, run)
+        check_checkpoint(run.config, options)
         self.layout = check_layout(run.config, options, world_size_from_env())
+        check_memory(run.config, options, self.layout)
         self.replicas: dict = {}
         self._rank = int(os.environ.get("RANK", "0"))
         self._owns_process_group = False

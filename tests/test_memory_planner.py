@@ -1,0 +1,110 @@
+"""The memory planner against memory measured on CPU: weights, gradient buffers and optimizer
+state as allocated, and activations as the peak of tensors saved for backward."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from helpers import tiny_request
+from scalebio_plugins.megatron import memory
+
+
+def _measure(rank, world, out, sets, trainable):
+    """On each rank: bytes of weights (u + w), grads and optimizer state (u + w, after a step),
+    and the activation peak of w's pass (training and validation micro-batches)."""
+    from scalebio.runner import open_run, prepare
+    from scalebio_plugins.minimax import loss_coefficients
+
+    req = tiny_request(Path(out), *sets, steps=1)
+    with open_run(prepare(req), verbose=False) as (ctx, data):
+        backend, cfg = ctx.backend, ctx.config
+        layers = frozenset(range(cfg.model.num_layers)) if trainable is None else frozenset(trainable)
+        for m in ("u", "w"):
+            backend.set_trainable(m, layers, keep_state=False)
+        batch, val = data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch)
+        ctx.solver.step(0, batch, val)
+        params = [p for m in ("u", "w") for p in backend.replicas[m].parameters()]
+        state = [backend.trainable_state_bytes(m) for m in ("u", "w")]
+        meter = memory.SavedTensorMeter(exclude={p.untyped_storage().data_ptr() for p in params})
+        coef, _ = loss_coefficients(ctx.weights.probs(), batch.source_counts(3))
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            backend.forward_backward("w", batch, coef, val, 1e-3)
+        from megatron.core import parallel_state as ps
+
+        return {"stage": ps.get_pipeline_model_parallel_rank(),
+                "weights": sum(p.numel() * p.element_size() for p in params),
+                "grads": sum(s["grads"] for s in state), "optimizer": sum(s["optimizer"] for s in state),
+                "activations": meter.peak}
+
+
+def _planned(sets, layout, gamma):
+    from scalebio.runner import prepare
+
+    p = prepare(tiny_request(Path("/tmp"), *sets))
+    cfg, opts = p.config, p.options["backend"]
+    work = memory.Workload(micro_batch=cfg.run.micro_batch, seq_length=cfg.data.seq_length,
+                           global_batch=cfg.run.global_batch, val_batch=cfg.run.val_batch, gamma=gamma,
+                           precision=opts.precision, distributed_optimizer=opts.use_distributed_optimizer,
+                           transformer_engine=False,
+                           make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by)
+    return memory.plan(cfg.model, layout, work)
+
+
+CASES = {
+    # name: (world, settings, layout, LISA gamma with the trainable layers that realise its worst case)
+    "tp1_lisa": (1, ("data.seq_length=64",), memory.Layout(), (2, [0, 1])),
+    "tp1_full_gelu": (1, ("model.activation=gelu", "model.num_query_groups=4", "model.hidden_size=128",
+                          "model.ffn_hidden_size=512"), memory.Layout(), (None, None)),
+    "tp1_lisa_gpt2_style": (1, ("model.activation=gelu", "model.normalization=LayerNorm",
+                                "model.position_embedding_type=learned_absolute", "model.add_bias_linear=true"),
+                            memory.Layout(), (1, [2])),
+    "tp2": (2, ("megatron.tp=2", "run.micro_batch=2"), memory.Layout(tp=2), (None, None)),
+    "pp2": (2, ("megatron.pp=2", "run.micro_batch=2"), memory.Layout(pp=2), (None, None)),
+    "dp2_distopt": (2, ("megatron.use_distributed_optimizer=true", "run.micro_batch=2"), memory.Layout(dp=2),
+                    (None, None)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_planner_within_15_percent_of_measured(tmp_path, name):
+    world, sets, layout, (gamma, trainable) = CASES[name]
+    measured = run_ranks(_measure, world, str(tmp_path / "run"), sets, trainable, timeout=300)
+    plan = _planned(sets, layout, gamma)
+    for got in measured:
+        want = plan.stages[got["stage"]].bytes
+        for key in ("weights", "grads", "optimizer"):
+            assert abs(want[key] - got[key]) <= 0.01 * got[key] + 64, (name, key, want[key], got[key])
+        assert abs(want["activations"] - got["activations"]) <= 0.15 * got["activations"], \
+            (name, want["activations"], got["activations"])
+        total_want, total_got = sum(want.values()), sum(got[k] for k in want)
+        assert abs(total_want - total_got) <= 0.15 * total_got
+
+
+# parameter counts published for the Hugging Face checkpoints (the sum of their tensors)
+PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+             "qwen2-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352, "llama-3-8b": 8_030_261_248}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_model_configs_have_the_published_parameter_count(name):
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tool.load_model(name)
+    p = memory.plan(model, memory.Layout(), memory.Workload(make_vocab_size_divisible_by=1))
+    assert sum(s.params for s in p.stages) == PUBLISHED[name]
+    # split over 8 GPUs the ranks hold the whole model once (TP shards, PP stages)
+    layout = memory.Layout(tp=2, pp=4) if model.num_layers % 4 == 0 else memory.Layout(tp=2, pp=2)
+    split = memory.plan(model, layout, memory.Workload(make_vocab_size_divisible_by=1))
+    replicated_norms = model.num_layers * 2 * model.hidden_size + model.hidden_size
+    tied_copy = model.share_embeddings_and_output_weights * model.vocab_size * model.hidden_size
+    assert sum(s.params for s in split.stages) * layout.tp == PUBLISHED[name] + replicated_norms * (layout.tp - 1) \
+        + tied_copy
