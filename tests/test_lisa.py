@@ -105,3 +105,24 @@ def test_optimizer_state_at_a_switch(tiny_run, mode):
         assert kept == []
     # the run goes on after the switch
     solver.step(1, data.next_train(8), data.next_val(4))
+
+
+def test_bf16_master_weights_survive_a_switch(tiny_run):
+    ctx, data = tiny_run("megatron.precision=bf16", plugins=["lisa"])
+    backend, solver = ctx.backend, ctx.solver
+    for m in ("u", "w"):
+        backend.set_trainable(m, frozenset({0, 1}), keep_state=False)
+    for step in range(2):
+        solver.step(step, data.next_train(8), data.next_val(4))
+    replica = backend.replicas["u"]
+    before = {replica.global_name[p]: (main.detach().clone(), p.dtype)
+              for p, (main, _, _, _) in _optimizer_targets(replica.optimizer).items()}
+    backend.set_trainable("u", frozenset({1, 2}), keep_state=True)
+    after = {replica.global_name[p]: main for p, (main, _, _, _) in _optimizer_targets(replica.optimizer).items()}
+    emb = "embedding.word_embeddings.weight"
+    assert before[emb][1] == torch.bfloat16 and after[emb].dtype == torch.float32
+    # the fp32 master copy carries over exactly, not re-created from the rounded bf16 weights
+    for name in (emb, "decoder.layers.1.mlp.linear_fc1.weight"):
+        assert torch.equal(after[name], before[name][0])
+    assert not torch.equal(before[emb][0].bfloat16().float(), before[emb][0])
+    solver.step(2, data.next_train(8), data.next_val(4))

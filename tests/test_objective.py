@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scalebio.data import collate
@@ -133,3 +134,15 @@ def test_closed_form_hypergradient_equals_autograd(tiny_run):
     (auto,) = torch.autograd.grad(f, lam)
     assert torch.allclose(closed, auto, rtol=1e-4, atol=1e-9), (closed, auto)
     assert auto.abs().max() > 0
+
+
+def test_non_finite_loss_stops_the_run(tiny_run):
+    from scalebio.roles import NonFiniteError
+
+    ctx, data = tiny_run()
+    for m in ("u", "w"):
+        ctx.backend.set_trainable(m, frozenset(range(4)), keep_state=False)
+    with torch.no_grad():
+        ctx.backend.replicas["w"].chunks[0].decoder.final_layernorm.weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="step 0: non-finite"):
+        ctx.solver.step(0, data.next_train(8), data.next_val(4))
