@@ -6,7 +6,7 @@ import pytest
 from helpers import tiny_request
 from scalebio.config import ConfigError
 from scalebio.runner import prepare
-from scalebio_plugins.megatron.backend import check_layout
+from scalebio_plugins.megatron.layout import check_layout
 from scalebio_plugins.megatron.model import padded_vocab_size
 
 

@@ -10,6 +10,7 @@ import torch
 from distributed import run_ranks
 from helpers import tiny_request
 from scalebio_plugins.megatron import memory
+from scalebio_plugins.megatron.layout import Layout
 
 
 def _measure(rank, world, out, sets, trainable):
@@ -55,15 +56,15 @@ def _planned(sets, layout, gamma):
 
 CASES = {
     # name: (world, settings, layout, LISA gamma with the trainable layers that realise its worst case)
-    "tp1_lisa": (1, ("data.seq_length=64",), memory.Layout(), (2, [0, 1])),
+    "tp1_lisa": (1, ("data.seq_length=64",), Layout(), (2, [0, 1])),
     "tp1_full_gelu": (1, ("model.activation=gelu", "model.num_query_groups=4", "model.hidden_size=128",
-                          "model.ffn_hidden_size=512"), memory.Layout(), (None, None)),
+                          "model.ffn_hidden_size=512"), Layout(), (None, None)),
     "tp1_lisa_gpt2_style": (1, ("model.activation=gelu", "model.normalization=LayerNorm",
                                 "model.position_embedding_type=learned_absolute", "model.add_bias_linear=true"),
-                            memory.Layout(), (1, [2])),
-    "tp2": (2, ("megatron.tp=2", "run.micro_batch=2"), memory.Layout(tp=2), (None, None)),
-    "pp2": (2, ("megatron.pp=2", "run.micro_batch=2"), memory.Layout(pp=2), (None, None)),
-    "dp2_distopt": (2, ("megatron.use_distributed_optimizer=true", "run.micro_batch=2"), memory.Layout(dp=2),
+                            Layout(), (1, [2])),
+    "tp2": (2, ("megatron.tp=2", "run.micro_batch=2"), Layout(tp=2), (None, None)),
+    "pp2": (2, ("megatron.pp=2", "run.micro_batch=2"), Layout(pp=2), (None, None)),
+    "dp2_distopt": (2, ("megatron.use_distributed_optimizer=true", "run.micro_batch=2"), Layout(dp=2),
                     (None, None)),
 }
 
@@ -99,10 +100,10 @@ def test_model_configs_have_the_published_parameter_count(name):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     model = tool.load_model(name)
-    p = memory.plan(model, memory.Layout(), memory.Workload(make_vocab_size_divisible_by=1))
+    p = memory.plan(model, Layout(), memory.Workload(make_vocab_size_divisible_by=1))
     assert sum(s.params for s in p.stages) == PUBLISHED[name]
     # split over 8 GPUs the ranks hold the whole model once (TP shards, PP stages)
-    layout = memory.Layout(tp=2, pp=4) if model.num_layers % 4 == 0 else memory.Layout(tp=2, pp=2)
+    layout = Layout(tp=2, pp=4) if model.num_layers % 4 == 0 else Layout(tp=2, pp=2)
     split = memory.plan(model, layout, memory.Workload(make_vocab_size_divisible_by=1))
     replicated_norms = model.num_layers * 2 * model.hidden_size + model.hidden_size
     tied_copy = model.share_embeddings_and_output_weights * model.vocab_size * model.hidden_size

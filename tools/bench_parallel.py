@@ -49,7 +49,7 @@ def _rank(rank, world, port, tp, pp, sets, steps, threads, out, q):
                 ctx.backend.barrier()
                 times.append(time.perf_counter() - t0)
             q.put((rank, statistics.median(times[2:]), None))
-    except Exception as exc:  # report, never hang the parent
+    except Exception:  # report, never hang the parent
         import traceback
 
         q.put((rank, None, traceback.format_exc()))

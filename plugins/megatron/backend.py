@@ -32,6 +32,7 @@ from scalebio.config import ConfigError
 from scalebio.roles import MODELS, Backend, PassResult
 
 from . import model as mdl
+from .layout import Layout, check_layout, world_size_from_env
 
 
 @dataclass
@@ -52,79 +53,6 @@ class MegatronOptions:
     timeout_minutes: float = 30.0
     # start a published architecture (model.hf_name) from random weights, for benchmarks only
     random_init: bool = False
-
-
-@dataclass
-class Layout:
-    world: int
-    tp: int
-    pp: int
-    dp: int
-    vpp: Optional[int] = None
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_layout(config, opts: MegatronOptions, world: int) -> Layout:
-    """Reject impossible layouts before anything heavy starts, naming the numbers that conflict."""
-    model, run = config.model, config.run
-    tp, pp, vpp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, \
-        opts.virtual_pipeline_model_parallel_size
-    problems = []
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"megatron: tensor and pipeline parallel sizes must be >= 1, got TP={tp}, PP={pp}")
-    if world % (tp * pp):
-        raise ConfigError(f"megatron: world size {world} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}: "
-                          f"launch with torchrun --nproc-per-node {tp * pp} (or a multiple), or choose --tp/--pp "
-                          f"whose product divides {world}")
-    dp = world // (tp * pp)
-    groups = model.num_query_groups or model.num_attention_heads
-    if model.num_attention_heads % tp:
-        problems.append(f"TP={tp} does not divide num_attention_heads={model.num_attention_heads}")
-    if groups % tp:
-        problems.append(f"TP={tp} does not divide num_query_groups={groups}")
-    if vpp is not None:
-        if pp < 2:
-            problems.append(f"interleaved pipeline (VPP={vpp}) needs PP >= 2, got PP={pp}")
-        if vpp < 2:
-            problems.append(f"VPP={vpp}: give at least 2 virtual stages or leave it unset")
-    first, last = opts.num_layers_in_first_pipeline_stage, opts.num_layers_in_last_pipeline_stage
-    if first is not None or last is not None:
-        if pp < 2 or vpp is not None:
-            problems.append("an uneven pipeline split needs PP >= 2 and no VPP")
-        else:
-            middle_layers = model.num_layers - (first or 0) - (last or 0)
-            middle_stages = pp - (first is not None) - (last is not None)
-            if middle_layers < 0 or (middle_stages and middle_layers % middle_stages) or \
-                    (not middle_stages and middle_layers):
-                problems.append(f"num_layers={model.num_layers} cannot be split with {first} layers on the first "
-                                f"and {last} on the last of PP={pp} stages")
-    else:
-        chunks = pp * (vpp or 1)
-        if model.num_layers % chunks:
-            what = f"PP x VPP = {pp} x {vpp} = {chunks}" if vpp else f"PP={pp}"
-            problems.append(f"{what} does not divide num_layers={model.num_layers} (or give an uneven split "
-                            f"with num_layers_in_first/last_pipeline_stage)")
-    per_step = run.micro_batch * dp
-    if run.global_batch % per_step:
-        problems.append(f"run.global_batch={run.global_batch} is not divisible by micro_batch x DP = "
-                        f"{run.micro_batch} x {dp} = {per_step}")
-    if run.val_batch % per_step:
-        problems.append(f"run.val_batch={run.val_batch} is not divisible by micro_batch x DP = "
-                        f"{run.micro_batch} x {dp} = {per_step}")
-    if vpp is not None and run.global_batch % per_step == 0:
-        for what, n in (("global_batch", run.global_batch), ("val_batch", run.val_batch)):
-            if (n // per_step) % pp:
-                problems.append(f"the interleaved schedule needs micro-batches per step divisible by PP={pp}: "
-                                f"run.{what}={n} gives {n // per_step} micro-batches per rank")
-    if problems:
-        raise ConfigError(f"megatron layout TP={tp} PP={pp} DP={dp} (world size {world}) is impossible: "
-                          + "; ".join(problems))
-    return Layout(world=world, tp=tp, pp=pp, dp=dp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
 
 
 def check_checkpoint(config, opts: MegatronOptions) -> None:
@@ -168,9 +96,7 @@ def check_memory(config, opts: MegatronOptions, layout: Layout) -> None:
                            precision=opts.precision, distributed_optimizer=opts.use_distributed_optimizer,
                            transformer_engine=torch.cuda.is_available(),
                            make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by)
-    plan = memory.plan(config.model, memory.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp,
-                                                   first_stage_layers=layout.first_stage_layers,
-                                                   last_stage_layers=layout.last_stage_layers), work)
+    plan = memory.plan(config.model, layout, work)
     need = plan.worst.bytes["weights"]
     if need > avail:
         gib = memory.GiB

@@ -22,27 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .layout import Layout
 from .model import padded_vocab_size
 
 GiB = 1024 ** 3
-
-
-@dataclass
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    vpp: Optional[int] = None
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def __str__(self) -> str:
-        s = f"TP{self.tp} PP{self.pp} DP{self.dp}"
-        return s + (f" VPP{self.vpp}" if self.vpp else "")
 
 
 @dataclass
