@@ -173,8 +173,9 @@ def hf_token_losses(folder, data) -> dict:
     return out
 
 
-def parallel_case(rank: int, world: int, cases: dict, tp: int, pp: int, save_root: str) -> dict:
-    """On every rank: load each converted checkpoint at TP x PP, return logits, eval losses, and save it back."""
+def parallel_case(rank: int, world: int, cases: dict, tp: int, pp: int, save_root: str, vpp=None) -> dict:
+    """On every rank: load each converted checkpoint at TP x PP (x VPP), return logits (not with VPP),
+    eval losses, and save it back."""
     import datetime
     import os
 
@@ -188,10 +189,10 @@ def parallel_case(rank: int, world: int, cases: dict, tp: int, pp: int, save_roo
     results = {}
     try:
         for family, (ckpt, data, vocab) in cases.items():
-            req = request(ckpt, data, os.path.join(save_root, f"run-{family}"),
-                          f"megatron.tp={tp}", f"megatron.pp={pp}")
+            sets = (f"megatron.tp={tp}", f"megatron.pp={pp}") + ((f"megatron.vpp={vpp}",) if vpp else ())
+            req = request(ckpt, data, os.path.join(save_root, f"run-{family}"), *sets)
             with open_run(prepare(req), verbose=False) as (ctx, rundata):
-                logits = megatron_logits(ctx.backend, tokens(vocab))
+                logits = None if vpp else megatron_logits(ctx.backend, tokens(vocab))
                 losses = evaluate_sets(ctx, rundata)
                 ctx.backend.save_model("w", Path(save_root) / f"saved-{family}")
             results[family] = {"logits": logits, "losses": {k: v["loss"] for k, v in losses.items()}}

@@ -19,7 +19,9 @@ import convert_helpers as ch
 from distributed import run_ranks
 from helpers import REPO
 from scalebio.config import ConfigError
+from scalebio.data import RunData
 from scalebio.runner import open_run, prepare
+from scalebio.tokenizer import load_tokenizer
 from scalebio_plugins.megatron import checkpoint as ck
 from scalebio_plugins.megatron import hf
 
@@ -50,6 +52,12 @@ def _safetensors(folder: Path) -> dict:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def _hf_losses(hf_dir, ckpt, data, tmp_path) -> dict:
+    """transformers' token-mean losses on the samples a run with this checkpoint tokenizes."""
+    cfg = prepare(ch.request(ckpt, data, tmp_path / "unused")).config
+    return ch.hf_token_losses(hf_dir, RunData(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.run.seed))
 
 
 def _assert_identical(a: dict, b: dict):
@@ -84,20 +92,14 @@ def test_logits_losses_and_save_at_tp2_pp2(converted, tmp_path):
     the backend's save (gathered over TP, one file per stage, tied head skipped) is the checkpoint."""
     cases = {f: (str(ckpt), str(data), _vocab(f)) for f, (_, ckpt, data) in converted.items()}
     results = run_ranks(ch.parallel_case, 4, cases, 2, 2, str(tmp_path), timeout=600)
-    last = results[3]  # TP rank 1 of the last stage gathered the logits too; rank 3 is on the last stage
-    from scalebio.data import RunData
-    from scalebio.runner import prepare as prep
-    from scalebio.tokenizer import load_tokenizer
-
+    last = results[3]  # ranks 2 and 3 are the last stage (TP is the fastest-varying rank index)
     for family, (hf_dir, ckpt, data) in converted.items():
         got = last[family]["logits"]
         expected = ch.hf_logits(hf_dir, ch.tokens(_vocab(family)))
         err = (got - expected).abs().max().item()
         assert err < TOL, f"{family} at TP2 x PP2: max |logit error| {err:.2e}"
         assert results[0][family]["logits"] is None  # the first stage hands hidden states on
-        cfg = prep(ch.request(ckpt, data, tmp_path / "x")).config
-        rundata = RunData(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.run.seed)
-        hf_losses = ch.hf_token_losses(hf_dir, rundata)
+        hf_losses = _hf_losses(hf_dir, ckpt, data, tmp_path)
         for name, loss in last[family]["losses"].items():
             assert abs(loss - hf_losses[name]) < TOL, f"{family} {name}: {loss} vs transformers {hf_losses[name]}"
         saved = tmp_path / f"saved-{family}"
@@ -106,6 +108,19 @@ def test_logits_losses_and_save_at_tp2_pp2(converted, tmp_path):
         assert (saved / "hf" / "config.json").read_bytes() == (ckpt / "hf" / "config.json").read_bytes()
         assert sorted(p.name for p in saved.glob("*.safetensors")) == \
             ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_loads_and_saves_the_checkpoint(converted, tmp_path):
+    """PP2 x VPP2: four one-layer chunks on two ranks read and write the same global names."""
+    cases = {f: (str(ckpt), str(data), _vocab(f)) for f, (_, ckpt, data) in converted.items() if f in ("qwen2", "gpt2")}
+    results = run_ranks(ch.parallel_case, 2, cases, 1, 2, str(tmp_path), vpp=2, timeout=600)
+    for family in cases:
+        hf_dir, ckpt, data = converted[family]
+        _assert_identical(_safetensors(tmp_path / f"saved-{family}"), _safetensors(ckpt))
+        losses = results[1][family]["losses"]
+        expected = _hf_losses(hf_dir, ckpt, data, tmp_path)
+        assert all(abs(losses[k] - expected[k]) < TOL for k in expected), (losses, expected)
 
 
 def test_negative_controls_fail_the_parity_check(converted, tmp_path):
@@ -211,15 +226,12 @@ def test_trained_w_converts_back_to_transformers(converted, tmp_path):
 
 def test_eval_prints_per_source_token_mean_losses_of_transformers(converted, tmp_path, capsys):
     from scalebio import cli
-    from scalebio.data import RunData
-    from scalebio.tokenizer import load_tokenizer
 
     hf_dir, ckpt, data = converted["gpt2"]
     assert cli.main(["eval", "--load", str(ckpt), "--data", str(data), "--set", "run.progress=false",
                      "--set", "run.global_batch=4", "--set", "run.micro_batch=2", "--set", "run.val_batch=4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    cfg = prepare(ch.request(ckpt, data, tmp_path / "x")).config
-    expected = ch.hf_token_losses(hf_dir, RunData(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.run.seed))
+    expected = _hf_losses(hf_dir, ckpt, data, tmp_path)
     assert set(result["sources"]) == {"clean", "typos"}
     for name, loss in expected.items():
         got = result["validation"] if name == "validation" else result["sources"][name]
