@@ -325,19 +325,21 @@ class MegatronBackend(Backend):
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         spec = mdl.layer_spec(model, self.use_te)
+        load = self.run.config.run.load
+        if load:  # a checkpoint that does not fit the model fails before any model is built
+            from . import checkpoint
+
+            layers = self.run.config.layers
+            where = lambda key: layers.where(("model", key))  # noqa: E731
+            checkpoint.open_checkpoint(load, model, where)
         for name in MODELS:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
             chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
             # u and w start from the same weights: a checkpoint's (each rank reads its own shards), or
             # the same seeded full tensors, sharded alike
-            load = self.run.config.run.load
             if load:
-                from . import checkpoint
-
-                layers = self.run.config.layers
-                checkpoint.load_weights_(chunks, load, model, self.tp_rank, layout.tp, self.padded_vocab,
-                                         where=lambda key: layers.where(("model", key)))
+                checkpoint.load_weights_(chunks, load, model, self.tp_rank, layout.tp, self.padded_vocab, where)
             else:
                 mdl.init_weights_(chunks, model, seed, self.tp_rank, layout.tp)
             for chunk in chunks:

@@ -592,7 +592,8 @@ def open_checkpoint(ckpt, model=None, where: Optional[Callable[[str], str]] = No
         if diff:
             where = where or (lambda k: "the run's model config")
             lines = "; ".join(f"{k}: {a!r} in {where(k)} but {b!r} in {ckpt / MODEL_FILE}" for k, a, b in diff)
-            raise CheckpointError(f"the model does not match checkpoint {ckpt}: {lines}")
+            raise CheckpointError(f"the model does not match checkpoint {ckpt}: {lines} (--load without --model "
+                                  f"uses the checkpoint's {MODEL_FILE})")
     tensors = TensorDir(ckpt, "checkpoint")
     expected = expected_tensors(stored)
     missing = [n for n in expected if n not in tensors]
