@@ -520,8 +520,11 @@ def arch_values(model) -> dict:
 def arch_differences(a, b) -> list:
     """[(field, value in a, value in b)] where two model configs disagree on the architecture."""
     va, vb = arch_values(a), arch_values(b)
+    raw = [a if isinstance(a, dict) else model_fields(a), b if isinstance(b, dict) else model_fields(b)]
     out = []
     for k in va:
+        if k in ("num_query_groups", "kv_channels") and all(r.get(k) is None for r in raw):
+            continue  # both follow from num_attention_heads / hidden_size, whose difference is reported
         x, y = va[k], vb.get(k)
         if isinstance(x, float) or isinstance(y, float):
             same = x is not None and y is not None and float(x) == float(y)
