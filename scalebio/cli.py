@@ -1,4 +1,5 @@
-"""Command line: ``scalebio run|plugins|models`` (``tools/run.py`` is ``scalebio run``)."""
+"""Command line: ``scalebio run|eval|plugins|models`` (``tools/run.py`` is ``scalebio run``,
+``tools/evaluate.py`` is ``scalebio eval``)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,9 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vpp", type=int, default=None,
                     help="virtual pipeline stages per rank, for the interleaved schedule (the backend's vpp option)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    ap.add_argument("--load", default=None, metavar="CKPT_DIR",
+                    help="start u and w from a scalebio checkpoint (tools/convert.py); its model.yaml and "
+                         "tokenizer are the defaults for --model and data.tokenizer")
     ap.add_argument("--list-plugins", action="store_true", help="list installed plugins and exit")
 
 
@@ -62,7 +66,7 @@ def cmd_run(args) -> int:
     req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
                      plugins=tuple(p.strip() for p in args.plugins.split(",") if p.strip()),
                      steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite,
-                     tp=args.tp, pp=args.pp, vpp=args.vpp)
+                     tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
     try:
         run(req)
     except (ConfigError, DataError, PluginError) as exc:
@@ -87,6 +91,13 @@ def main(argv=None) -> int:
     add_run_arguments(sub.add_parser("run", help="run the bilevel reweighting (the embedded demo by default)"))
     sub.add_parser("plugins", help="list installed plugins with role, version and hooks")
     sub.add_parser("models", help="list the model configs")
+    sub.add_parser("eval", help="token-mean loss of a checkpoint per source and on validation, as JSON",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # its own parser: see scalebio/evaluate.py
+        from .evaluate import eval_main
+
+        return eval_main(argv[1:])
     args = ap.parse_args(argv)
     if args.command == "plugins":
         return cmd_plugins()

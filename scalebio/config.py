@@ -301,7 +301,7 @@ class RunOptions:
     log_every: int = 10  # console table every N steps (metrics.jsonl gets every step)
     progress: bool = True
     save_final: bool = False  # write the final w (and u) under out/final
-    load: Optional[str] = None  # a converted checkpoint both u and w start from (tools/convert.py)
+    load: Optional[str] = None  # a scalebio checkpoint directory (tools/convert.py); u and w start from it
 
     def validate(self):
         for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every"):
@@ -363,6 +363,16 @@ class ModelConfig:
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
+    # Llama-3.1 RoPE scaling ("rope_type": "llama3" in config.json); megatron-core's GPTModel args
+    # plus the three it hard-codes (1, 4, 8192), which the backend applies as given
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+    # sliding-window attention (Mistral v0.1): (left, right) tokens each query sees, as
+    # megatron-core's TransformerConfig.window_size; null = full causal attention
+    window_size: Optional[tuple[int, int]] = None
     init_method_std: float = 0.02
     # the published checkpoint this config describes (e.g. Qwen/Qwen2.5-32B): a run then needs --load
     hf_name: Optional[str] = None
@@ -378,6 +388,12 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                               f"{self.num_attention_heads}; set kv_channels")
+        if self.rope_scaling and self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
+            raise ConfigError(f"rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor} must be larger "
+                              f"than rope_scaling_low_freq_factor={self.rope_scaling_low_freq_factor}")
+        if self.window_size is not None and (self.window_size[0] < 0 or self.window_size[1] != 0):
+            raise ConfigError(f"window_size={list(self.window_size)}: give [left, 0] with left >= 0 "
+                              f"(causal attention sees no token to the right)")
 
 
 @dataclass

@@ -42,6 +42,7 @@ class RunRequest:
     tp: Optional[int] = None
     pp: Optional[int] = None
     vpp: Optional[int] = None
+    load: Optional[str] = None  # a scalebio checkpoint: its model.yaml and tokenizer are the defaults
 
 
 @dataclass
@@ -56,7 +57,13 @@ class Prepared:
 def build_layers(req: RunRequest) -> tuple:
     layers = Layers()
     demo = req.data is None
-    model_path = find_model(req.model or "tiny")
+    if req.model is None and req.load is not None:
+        model_path = Path(req.load) / "model.yaml"  # the checkpoint's own architecture
+        if not model_path.is_file():
+            raise ConfigError(f"--load {req.load}: no model.yaml there (convert a Hugging Face model with "
+                              f"tools/convert.py hf-to-megatron)")
+    else:
+        model_path = find_model(req.model or "tiny")
     layers.add_file(model_path, "model")
     if "name" not in layers.data["model"]:
         layers.add({"name": model_path.stem}, str(model_path), ("model",))
@@ -71,6 +78,10 @@ def build_layers(req: RunRequest) -> tuple:
         layers.add_file(DEMO_DIR / "data.yaml", "data")
     else:
         layers.add_file(req.data, "data")
+    if req.load is not None:
+        layers.add({"run": {"load": str(Path(req.load).resolve())}}, f"--load {req.load}")
+        if not layers.data["data"].get("tokenizer"):  # the checkpoint's own tokenizer files
+            layers.add({"tokenizer": {"path": str(req.load)}}, f"--load {req.load}", ("data",))
     for path in req.configs:
         layers.add_file(path)
     for flag, section, key in ((req.steps, "run", "steps"), (req.out, "run", "out"), (req.seed, "run", "seed")):

@@ -359,12 +359,23 @@ class MegatronBackend(Backend):
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         spec = mdl.layer_spec(model, self.use_te)
+        load = self.run.config.run.load
+        if load:  # a checkpoint that does not fit the model fails before any model is built
+            from . import checkpoint
+
+            layers = self.run.config.layers
+            where = lambda key: layers.where(("model", key))  # noqa: E731
+            checkpoint.open_checkpoint(load, model, where)
         for name in MODELS:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
             chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
-            # u and w start from the same weights: the same seeded full tensors, sharded alike
-            mdl.init_weights_(chunks, model, seed, self.tp_rank, layout.tp)
+            # u and w start from the same weights: a checkpoint's (each rank reads its own shards), or
+            # the same seeded full tensors, sharded alike
+            if load:
+                checkpoint.load_weights_(chunks, load, model, self.tp_rank, layout.tp, self.padded_vocab, where)
+            else:
+                mdl.init_weights_(chunks, model, seed, self.tp_rank, layout.tp)
             for chunk in chunks:
                 mdl.mask_vocab_padding(chunk, model.vocab_size, self.padded_vocab, self.tp_rank, layout.tp)
                 if self.cuda:
@@ -515,14 +526,26 @@ class MegatronBackend(Backend):
         return sum(p.numel() for p in self.replicas[model].parameters() if p.requires_grad)
 
     def save_model(self, model: str, path: Path) -> None:
-        from megatron.core import dist_checkpointing
+        """Write ``model`` as a scalebio checkpoint (the format ``run.load`` and tools/convert.py read).
 
-        replica = self.replicas[model]
-        if len(replica.chunks) == 1:
-            state = replica.chunks[0].sharded_state_dict()
-        else:
-            state = {}
-            for chunk in replica.chunks:
-                state.update(chunk.sharded_state_dict())
-        Path(path).mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(state, str(path))
+        Collective: every rank gathers its tensors over TP; one rank per pipeline stage writes that
+        stage's shard; rank 0 writes the index, model.yaml, tokenizer and Hugging Face side files.
+        """
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from . import checkpoint
+
+        replica, cfg = self.replicas[model], self.run.config
+        written = checkpoint.save_weights(
+            replica.chunks, path, cfg.model, self.tp_rank, self.layout.tp, self.dp_rank,
+            ps.get_pipeline_model_parallel_rank(), self.layout.pp, ps.get_tensor_model_parallel_group())
+        maps = [None] * dist.get_world_size()
+        dist.all_gather_object(maps, written)
+        if self.is_main:
+            weight_map = {k: v for m in maps for k, v in m.items()}
+            dtype = next(replica.parameters()).dtype
+            tok = cfg.data.tokenizer.path if cfg.data.tokenizer is not None else None
+            checkpoint.finish_checkpoint(path, cfg.model, weight_map, dtype, f"scalebio run (model {model})",
+                                         str(self.run.out_dir), tokenizer_path=tok, loaded_from=cfg.run.load)
+        dist.barrier()

@@ -92,6 +92,8 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default "full" is deprecated and warns on every build
     )
+    if model.window_size is not None:  # sliding-window attention (Mistral v0.1)
+        kw["window_size"] = tuple(model.window_size)
     if layout.first_stage_layers is not None:
         kw["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
     if layout.last_stage_layers is not None:
@@ -127,11 +129,35 @@ def build_chunks(model, config, spec, padded_vocab: int, vpp: int | None):
             position_embedding_type=model.position_embedding_type,
             rotary_base=model.rotary_base,
             rotary_percent=model.rotary_percent,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=stage,
         )
+        if model.rope_scaling:
+            _apply_llama3_rope_scaling(chunk, model)
         chunk.vp_stage = stage
         chunks.append(chunk)
     return chunks
+
+
+def _apply_llama3_rope_scaling(chunk, model) -> None:
+    """Llama-3.1 RoPE scaling with the model's own parameters.
+
+    megatron-core 0.16 applies the same formula as transformers' ``llama3`` rope type but hard-codes
+    low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192; recompute the
+    frequencies with the configured values (identical to megatron's when they are the defaults).
+    """
+    rope = getattr(chunk, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    if model.rotary_percent < 1.0:
+        dim = int(dim * model.rotary_percent)
+    base = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base.to(rope.inv_freq.device), factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_scaling_low_freq_factor, high_freq_factor=model.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
 
 
 # --------------------------------------------------------------------------- names and shards

@@ -1,0 +1,103 @@
+"""``scalebio eval`` / ``tools/evaluate.py``: the token-mean loss of a checkpoint on every source
+and on the validation set, printed as JSON.
+
+The loss of a set is the sum of the cross-entropy over all its supervised tokens divided by their
+number (not a mean of per-sample means), so ``exp(loss)`` is the set's perplexity. Every sample of
+every set is used once, through the same backend, layout and data pipeline as a run (any TP/PP
+under torchrun), so the numbers are comparable with ``transformers`` on the converted model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def evaluate_sets(ctx, data, model: str = "w", progress: bool = False) -> dict:
+    """{set name: {"loss", "perplexity", "tokens", "samples"}} for every source and "validation"."""
+    from .data import Sample, collate
+
+    cfg = ctx.config
+    n = cfg.run.global_batch  # the layout check guarantees it splits into micro-batches on every rank
+    sets = [(t.name, t) for t in data.train] + [("validation", data.val)]
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(t.samples) for _, t in sets), desc="eval", unit="sample", file=sys.stderr)
+    out = {}
+    for name, tset in sets:
+        loss_sum, tokens = 0.0, 0.0
+        for i in range(0, len(tset.samples), n):
+            chunk = list(tset.samples[i:i + n])
+            real = len(chunk)
+            # fill the last batch with copies that supervise nothing: they add no loss and no tokens
+            chunk += [Sample(ids=chunk[0].ids, mask=np.zeros_like(chunk[0].mask))] * (n - real)
+            batch = collate(chunk, [-1] * n, data.seq_length, data.pad_id)  # -1: token sums, not sample means
+            result = ctx.backend.evaluate(model, batch)
+            loss_sum += result.val_loss_sum
+            tokens += result.val_tokens
+            if bar is not None:
+                bar.update(real)
+        loss = loss_sum / tokens if tokens else None
+        out[name] = {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
+                     "tokens": int(tokens), "samples": len(tset.samples)}
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def evaluate(req) -> dict:
+    """Open a run for ``req`` (a RunRequest with ``load``), evaluate, close it."""
+    from .runner import open_run, prepare
+
+    with tempfile.TemporaryDirectory(prefix="scalebio-eval-") as tmp:
+        req.out = str(Path(tmp) / "run")  # open_run wants a run directory; evaluation writes nothing there
+        prepared = prepare(req)
+        cfg = prepared.config
+        with open_run(prepared, verbose=False) as (ctx, data):
+            sets = evaluate_sets(ctx, data, progress=cfg.run.progress)
+            layout = ctx.backend.layout if hasattr(ctx.backend, "layout") else None
+    result = {"checkpoint": cfg.run.load, "model": cfg.model.name,
+              "sources": {k: v for k, v in sets.items() if k != "validation"}, "validation": sets["validation"]}
+    if layout is not None:
+        result["layout"] = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    return result
+
+
+def eval_main(argv=None, prog: str = "scalebio eval") -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .plugins import PluginError
+    from .runner import RunRequest
+
+    ap = argparse.ArgumentParser(prog=prog, description="Token-mean loss of a checkpoint per source and on "
+                                                        "validation, as JSON.")
+    ap.add_argument("--load", required=True, metavar="CKPT_DIR", help="a scalebio checkpoint (tools/convert.py)")
+    ap.add_argument("--data", required=True, metavar="DATA.yaml",
+                    help="sources and validation set (the tokenizer defaults to the checkpoint's)")
+    ap.add_argument("--model", default=None, metavar="NAME", help="model config (default: the checkpoint's)")
+    ap.add_argument("--config", action="append", default=[], metavar="RUN.yaml")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="e.g. --set megatron.tp=2 --set run.global_batch=16")
+    ap.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config),
+                     sets=("run.save_final=false",) + tuple(args.sets), load=args.load)
+    try:
+        result = evaluate(req)
+    except (ConfigError, DataError, PluginError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+    return 0

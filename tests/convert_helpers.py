@@ -1,0 +1,201 @@
+"""Tiny random Hugging Face models per family, and Megatron logits at any layout, for the conversion tests.
+
+The models are built by ``transformers`` from configs (no download), with norms and biases moved
+away from their init values so that a mapping that drops or swaps one of them shows in the logits.
+Module-level functions only: spawned ranks import this module.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from scalebio.runner import DEMO_DIR, RunRequest
+
+SEQ = 32
+BATCH = 2
+# vocabularies that are not a multiple of 128: the backend pads them (and TP2 cuts inside the padding)
+BPE_VOCAB, BPE_MODEL_VOCAB = 240, 250
+SP_MODEL_VOCAB = 2050  # the demo's sentencepiece tokenizer has 2048 pieces
+FAMILIES = ("qwen2", "llama", "mistral", "gpt2")
+
+
+def hf_config(family: str, **over):
+    """A tiny config with every feature of the family switched on (GQA, QKV bias, tying, scaling...)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+    if family == "qwen2":  # Qwen2.5 small sizes: QKV bias, GQA, rope theta 1e6, tied embeddings
+        cfg = Qwen2Config(**common, vocab_size=BPE_MODEL_VOCAB, rope_theta=1e6, tie_word_embeddings=True,
+                          rms_norm_eps=1e-6)
+    elif family == "llama":  # Llama-3.1: llama3 rope scaling with a non-default original context
+        cfg = LlamaConfig(**common, vocab_size=SP_MODEL_VOCAB, rms_norm_eps=1e-5, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    elif family == "mistral":  # Mistral v0.1: sliding window shorter than the test sequences
+        cfg = MistralConfig(**common, vocab_size=SP_MODEL_VOCAB, sliding_window=8, rope_theta=10000.0)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=BPE_MODEL_VOCAB, n_positions=64,
+                         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=0, eos_token_id=0)
+    else:
+        raise ValueError(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_hf(family: str, folder: Path, dtype=torch.float32, max_shard_size=None, seed: int = 0):
+    """Save a tiny random model and its tokenizer to ``folder``; returns the in-memory model (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)  # not the init values: a dropped norm or bias shows
+    folder = Path(folder)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(dtype).save_pretrained(folder, **kw)
+    model.float()
+    if family in ("llama", "mistral"):
+        sentencepiece_tokenizer(folder)
+    else:
+        bpe_tokenizer(folder)
+    return model
+
+
+def bpe_tokenizer(folder: Path) -> None:
+    """A byte-level BPE ``tokenizer.json`` with Qwen2-style special tokens (no BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>", "<|im_end|>"])
+    lines = [json.loads(line)["response"] for line in (DEMO_DIR / "clean.jsonl").read_text().splitlines()[:300]]
+    tk.train_from_iterator(lines, trainer)
+    tk.save(str(Path(folder) / "tokenizer.json"))
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def sentencepiece_tokenizer(folder: Path) -> None:
+    """Llama-2/Mistral style: a sentencepiece ``tokenizer.model`` only."""
+    shutil.copyfile(DEMO_DIR / "tokenizer.model", Path(folder) / "tokenizer.model")
+
+
+def data_yaml(folder: Path, max_samples: int = 6) -> Path:
+    """Two sources and a validation set from the demo data, without a tokenizer (the checkpoint's is used)."""
+    path = Path(folder) / "data.yaml"
+    text = Path(folder) / "typos-text.jsonl"  # plain text: loss on every token
+    recs = [json.loads(line) for line in (DEMO_DIR / "typos.jsonl").read_text().splitlines()[:max_samples]]
+    text.write_text("".join(json.dumps({"text": r["prompt"] + " " + r["response"]}) + "\n" for r in recs))
+    path.write_text(
+        f"seq_length: {SEQ}\n"
+        "sources:\n"
+        f"  clean: {{path: {DEMO_DIR / 'clean.jsonl'}, format: prompt_response, max_samples: {max_samples}}}\n"
+        f"  typos: {{path: {text}, format: text, max_samples: {max_samples - 1}}}\n"
+        f"validation: {{path: {DEMO_DIR / 'validation.jsonl'}, format: prompt_response, "
+        f"max_samples: {max_samples}}}\n")
+    return path
+
+
+RUN_SETS = ("run.progress=false", "run.global_batch=4", "run.micro_batch=2", "run.val_batch=4")
+
+
+def request(ckpt, data, out, *sets) -> RunRequest:
+    return RunRequest(data=str(data), load=str(ckpt), out=str(out), sets=RUN_SETS + tuple(sets), steps=2)
+
+
+def tokens(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(folder, toks) -> torch.Tensor:
+    """Logits of a Hugging Face directory as transformers loads it (fp32, eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()(input_ids=toks).logits
+
+
+@torch.no_grad()
+def megatron_logits(backend, toks, model: str = "w"):
+    """Full-vocabulary logits of a loaded backend at any TP x PP layout (no VPP); None off the last stage.
+
+    Pipeline stages hand the hidden states on with plain send/recv; the last stage gathers the
+    vocabulary-parallel logits over TP and drops the vocabulary padding.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    chunk = backend.replicas[model].chunks[0]
+    pos = torch.arange(toks.shape[1]).unsqueeze(0).expand(toks.shape[0], -1)
+    pp = backend.layout.pp
+    if pp > 1 and not ps.is_pipeline_first_stage():
+        hidden = torch.empty(toks.shape[1], toks.shape[0], backend.run.config.model.hidden_size)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        chunk.set_input_tensor(hidden)
+    out = chunk(toks, pos, None)
+    if pp > 1 and not ps.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        return None
+    if backend.layout.tp > 1:
+        parts = [torch.empty_like(out) for _ in range(backend.layout.tp)]
+        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+        out = torch.cat(parts, dim=-1)
+    return out[..., : backend.run.config.model.vocab_size]
+
+
+@torch.no_grad()
+def hf_token_losses(folder, data) -> dict:
+    """Token-mean cross-entropy per set with transformers, on exactly the samples a run tokenizes."""
+    from transformers import AutoModelForCausalLM
+
+    from scalebio.data import collate
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+    out = {}
+    for name, tset in [(t.name, t) for t in data.train] + [("validation", data.val)]:
+        batch = collate(tset.samples, [-1] * len(tset.samples), data.seq_length, data.pad_id)
+        logits = model(input_ids=batch.tokens).logits
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
+                                               reduction="none")
+        mask = batch.loss_mask.reshape(-1)
+        out[name] = float((ce * mask).sum() / mask.sum())
+    return out
+
+
+def parallel_case(rank: int, world: int, cases: dict, tp: int, pp: int, save_root: str, vpp=None) -> dict:
+    """On every rank: load each converted checkpoint at TP x PP (x VPP), return logits (not with VPP),
+    eval losses, and save it back."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from scalebio.evaluate import evaluate_sets
+    from scalebio.runner import open_run, prepare
+
+    # one process group for all cases; each run builds (and tears down) only its model-parallel groups
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+    results = {}
+    try:
+        for family, (ckpt, data, vocab) in cases.items():
+            sets = (f"megatron.tp={tp}", f"megatron.pp={pp}") + ((f"megatron.vpp={vpp}",) if vpp else ())
+            req = request(ckpt, data, os.path.join(save_root, f"run-{family}"), *sets)
+            with open_run(prepare(req), verbose=False) as (ctx, rundata):
+                logits = None if vpp else megatron_logits(ctx.backend, tokens(vocab))
+                losses = evaluate_sets(ctx, rundata)
+                ctx.backend.save_model("w", Path(save_root) / f"saved-{family}")
+            results[family] = {"logits": logits, "losses": {k: v["loss"] for k, v in losses.items()}}
+    finally:
+        dist.destroy_process_group()
+    return results
