@@ -503,3 +503,12 @@ def find_model(name: str) -> Path:
     hint = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise ConfigError(f"unknown model '{name}'{hint}: not a YAML file and not in {model_configs_dir()}. "
                       f"Available: {', '.join(available_models())}")
+
+
+def load_model(name: str) -> tuple:
+    """(ModelConfig, path) of a model in model_configs/ or a model YAML file; its name defaults
+    to the file's stem."""
+    path = find_model(name)
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    return parse(ModelConfig, data, lambda p: str(path), ("model",)), path

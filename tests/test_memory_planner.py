@@ -92,14 +92,9 @@ PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_model_configs_have_the_published_parameter_count(name):
-    import importlib.util
+    from scalebio.config import load_model
 
-    from helpers import REPO
-
-    spec = importlib.util.spec_from_file_location("plan_tool", REPO / "tools" / "plan.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    model = tool.load_model(name)
+    model, _ = load_model(name)
     p = memory.plan(model, Layout(), memory.Workload(make_vocab_size_divisible_by=1))
     assert sum(s.params for s in p.stages) == PUBLISHED[name]
     # split over 8 GPUs the ranks hold the whole model once (TP shards, PP stages)

@@ -16,14 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scalebio.config import ConfigError, find_model, load_yaml, parse, ModelConfig
-
-
-def load_model(name: str) -> ModelConfig:
-    path = find_model(name)
-    data = load_yaml(path)
-    data.setdefault("name", path.stem)
-    return parse(ModelConfig, data, lambda p: str(path), ("model",))
+from scalebio.config import ConfigError, load_model
 
 
 def main(argv=None) -> int:
@@ -47,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = ap.parse_args(argv)
     try:
-        model = load_model(args.model)
+        model, _ = load_model(args.model)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

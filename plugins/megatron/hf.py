@@ -24,7 +24,8 @@ import torch
 
 from .checkpoint import (DEFAULT_SHARD_BYTES, HF_DIR, MODEL_FILE, CheckpointError, Entry, TensorDir, arch_differences,
                          atomic_dir, copy_tokenizer_files, dtype_name, expected_tensors, open_checkpoint,
-                         read_meta, write_meta, write_model_config, write_tensors)
+                         parse_dtype, read_meta, write_meta, write_model_config, write_tensors)
+from .layout import split_problems
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "GPT2LMHeadModel": "gpt2"}
@@ -399,7 +400,9 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
     fields = derive_model_config(cfg, cfg_path, name=None)
     named = None
     if model_name is not None:
-        named, named_path = _named_model(model_name)
+        from scalebio.config import load_model
+
+        named, named_path = load_model(model_name)
         diff = arch_differences(named, fields)
         if diff:
             lines = "; ".join(f"{k}: {a!r} in {named_path} but {b!r} from {cfg_path}" for k, a, b in diff)
@@ -423,7 +426,7 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
     model = build_model_config(fields, cfg_path)
 
     src = TensorDir(hf_dir, "Hugging Face checkpoint")
-    out_dtype = None if dtype is None else _parse_dtype(dtype)
+    out_dtype = None if dtype is None else parse_dtype(dtype)
     entries = _plan_hf_to_megatron(model, src, out_dtype, hf_dir)
     stored_dtype = out_dtype or _common_dtype(entries)
     with atomic_dir(out, overwrite) as tmp:
@@ -441,12 +444,6 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
     return summary
 
 
-def _parse_dtype(name):
-    from .checkpoint import parse_dtype
-
-    return parse_dtype(name)
-
-
 def _common_dtype(entries) -> torch.dtype:
     counts = {}
     for e in entries:
@@ -454,23 +451,13 @@ def _common_dtype(entries) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _named_model(name: str):
-    from scalebio.config import ModelConfig, find_model, load_yaml, parse
-
-    path = find_model(name)
-    data = load_yaml(path)
-    if "name" not in data:
-        data["name"] = path.stem
-    return parse(ModelConfig, data, lambda p: str(path), ()), path
-
-
 def _matching_model(fields: dict):
     """The model_configs/ entry with exactly this architecture, if there is one."""
-    from scalebio.config import available_models
+    from scalebio.config import available_models, load_model
 
     for name in available_models():
         try:
-            named, path = _named_model(name)
+            named, path = load_model(name)
         except Exception:  # a broken YAML in model_configs/ is not this conversion's problem
             continue
         if not arch_differences(named, fields):
@@ -479,18 +466,8 @@ def _matching_model(fields: dict):
 
 
 def _check_layout(fields: dict, tp: int, pp: int, where) -> None:
-    heads = fields["num_attention_heads"]
-    groups = fields.get("num_query_groups") or heads
-    problems = []
-    if tp < 1 or pp < 1:
-        problems.append("--tp and --pp must be at least 1")
-    else:
-        if heads % tp:
-            problems.append(f"TP={tp} does not divide num_attention_heads={heads}")
-        if groups % tp:
-            problems.append(f"TP={tp} does not divide the {groups} key/value heads (num_query_groups)")
-        if fields["num_layers"] % pp:
-            problems.append(f"PP={pp} does not divide num_layers={fields['num_layers']}")
+    problems = split_problems(fields["num_layers"], fields["num_attention_heads"],
+                              fields.get("num_query_groups") or fields["num_attention_heads"], tp, pp)
     if problems:
         raise CheckpointError(f"{where}: layout TP={tp} PP={pp} is impossible for this model: " + "; ".join(problems))
 
@@ -558,7 +535,7 @@ def megatron_to_hf(ckpt, out, dtype: Optional[str] = None, overwrite: bool = Fal
             raise CheckpointError(f"checkpoint {ckpt}: {lines}")
     else:
         cfg = hf_config_from_model(model)
-    out_dtype = None if dtype is None else _parse_dtype(dtype)
+    out_dtype = None if dtype is None else parse_dtype(dtype)
     entries = _plan_megatron_to_hf(model, src, out_dtype)
     final_dtype = out_dtype or _common_dtype(entries)
     for key in ("torch_dtype", "dtype"):
