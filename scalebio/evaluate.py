@@ -61,7 +61,7 @@ def evaluate(req) -> dict:
         req.out = str(Path(tmp) / "run")  # open_run wants a run directory; evaluation writes nothing there
         prepared = prepare(req)
         cfg = prepared.config
-        with open_run(prepared, verbose=False) as (ctx, data):
+        with open_run(prepared, verbose=False, models=("w",)) as (ctx, data):  # one copy is enough
             sets = evaluate_sets(ctx, data, progress=cfg.run.progress)
             layout = ctx.backend.layout if hasattr(ctx.backend, "layout") else None
     result = {"checkpoint": cfg.run.load, "model": cfg.model.name,

@@ -181,8 +181,8 @@ class Backend(Role):
         """True on the one rank that writes outputs."""
         return True
 
-    def setup(self) -> None:
-        """Heavy: start the process groups, build u and w with identical weights."""
+    def setup(self, models=MODELS) -> None:
+        """Heavy: start the process groups, build ``models`` (u and w) with identical weights."""
         raise NotImplementedError
 
     def set_trainable(self, model: str, layers: frozenset, keep_state: bool) -> None:

@@ -145,10 +145,9 @@ def _out_dir(cfg: RunConfig, overwrite: bool) -> Path:
 
 
 @contextmanager
-def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True):
-    """Tokenizer, data, backend (set up), weights, layer selection and solver of a prepared run.
-
-    Yields ``(ctx, data)``; the backend (process groups, models) is closed on exit.
+def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=MODELS):
+    """Tokenizer, data, backend (set up with ``models``), weights, layer selection and solver of a
+    prepared run. Yields ``(ctx, data)``; the backend (process groups, models) is closed on exit.
     """
     cfg = p.config
     main = int(os.environ.get("RANK", "0")) == 0
@@ -172,7 +171,7 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True):
         for line in data.summary():
             print("  data  " + line, flush=True)
     try:
-        ctx.backend.setup()
+        ctx.backend.setup(models)
         # every rank must agree on the directory (checkpoints are written by all of them)
         ctx.out_dir = Path(ctx.backend.broadcast_object(str(out_dir) if main else None))
         ctx.weights = p.classes["weights"](p.options["weights"], names)

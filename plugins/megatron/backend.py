@@ -320,7 +320,7 @@ class MegatronBackend(Backend):
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
 
-    def setup(self) -> None:
+    def setup(self, models=MODELS) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -366,7 +366,7 @@ class MegatronBackend(Backend):
             layers = self.run.config.layers
             where = lambda key: layers.where(("model", key))  # noqa: E731
             checkpoint.open_checkpoint(load, model, where)
-        for name in MODELS:
+        for name in models:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
             chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
