@@ -1,0 +1,318 @@
+"""Tokenized sources on disk, in megatron-core's indexed dataset format.
+
+One directory per (data, tokenizer, settings) under ``<cache>/tokenized/<key>/``:
+
+- ``ids.bin/.idx``: token ids (int32), one sequence per record, untruncated (so changing
+  ``seq_length`` does not retokenize);
+- ``flags.bin/.idx``: per-token supervision flags (uint8, 1 = supervised target);
+- ``meta.npz``: per record the number of supervised targets, the position of the first one, and
+  a 64-bit hash of the normalised record (for the validation overlap check);
+- ``info.json``: counts, skipped records, what the key was made of.
+
+The key hashes the data's identity (each file's resolved path, size and modification time; a Hub
+dataset's fingerprint), the format and its settings, the tokenizer file's bytes and special
+tokens, and the chat template for chat formats: a changed input gets a new key. A build goes
+to a temporary directory renamed into place when complete, so a kill never leaves a half-written
+cache, and a file lock makes concurrent processes (data-parallel ranks) wait for one build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .formats import DataError, encode, record_hash
+from .sources import RecordReader, count_lines, data_identity, describe
+
+CACHE_VERSION = 1
+CHUNK = 256  # records per task with worker processes
+
+
+def cache_root(data_cfg) -> Path:
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    env = os.environ.get("SCALEBIO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "scalebio"
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    cached = getattr(tokenizer, "_scalebio_identity", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256(Path(tokenizer.path).read_bytes()).hexdigest()
+    ident = {"kind": type(tokenizer).__name__, "file": digest, "vocab_size": tokenizer.vocab_size,
+             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+             "add_bos": bool(tokenizer.add_bos), "add_eos": bool(tokenizer.add_eos)}
+    try:
+        tokenizer._scalebio_identity = ident
+    except AttributeError:
+        pass
+    return ident
+
+
+def source_key(cfg, on_error: str, tokenizer, chat, hf_cache) -> tuple:
+    """``(key, identity)`` of a tokenized source."""
+    ident = {"version": CACHE_VERSION, "data": data_identity(cfg, hf_cache), "format": cfg.format,
+             "columns": dict(sorted(cfg.columns.items())), "max_samples": cfg.max_samples, "on_error": on_error,
+             "tokenizer": tokenizer_identity(tokenizer)}
+    if cfg.format in ("sharegpt", "messages"):
+        ident["chat_template"] = chat.source if chat is not None else "plain"
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    return key, ident
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _indexed(*names):
+    """Names from megatron-core's indexed_dataset module, without the import-time warnings about
+    Transformer Engine and Apex (which this module does not use)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return tuple(getattr(indexed_dataset, n) for n in names)
+
+
+class TokenStore:
+    """Token ids and supervision flags of a source's records (on disk or in memory)."""
+
+    def __init__(self, lengths, n_supervised, first_target, hashes, info, ids=None, flags=None):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.n_supervised = np.asarray(n_supervised, dtype=np.int64)
+        self.first_target = np.asarray(first_target, dtype=np.int64)
+        self.hashes = np.asarray(hashes, dtype=np.uint64)
+        self.info = info
+        self._ids, self._flags = ids, flags  # IndexedDatasets, or lists of arrays
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sample(self, i: int, limit: int) -> tuple:
+        """``(ids, flags)`` of record ``i``, its first ``limit`` tokens."""
+        n = int(min(self.lengths[i], limit))
+        if isinstance(self._ids, list):
+            return self._ids[i][:n], self._flags[i][:n]
+        return self._ids.get(int(i), 0, n), self._flags.get(int(i), 0, n)
+
+
+class _Writer:
+    def __init__(self, directory):
+        self.directory = directory
+        self.lengths, self.n_supervised, self.first_target, self.hashes = [], [], [], []
+        if directory is None:
+            self.ids, self.flags = [], []
+        else:
+            IndexedDatasetBuilder, get_bin_path = _indexed("IndexedDatasetBuilder", "get_bin_path")
+            self.ids = IndexedDatasetBuilder(get_bin_path(str(directory / "ids")), dtype=np.int32)
+            self.flags = IndexedDatasetBuilder(get_bin_path(str(directory / "flags")), dtype=np.uint8)
+
+    def add(self, ids: np.ndarray, flags: np.ndarray, h: int) -> None:
+        targets = np.flatnonzero(flags[1:])
+        self.lengths.append(len(ids))
+        self.n_supervised.append(len(targets))
+        self.first_target.append(int(targets[0]) + 1 if len(targets) else -1)
+        self.hashes.append(h)
+        if self.directory is None:
+            self.ids.append(ids)
+            self.flags.append(flags)
+        else:
+            self.ids.add_document(ids, [len(ids)])
+            self.flags.add_document(flags, [len(flags)])
+
+    def finish(self, info: dict) -> TokenStore:
+        meta = dict(n_supervised=np.asarray(self.n_supervised, np.int64),
+                    first_target=np.asarray(self.first_target, np.int64),
+                    hashes=np.asarray(self.hashes, np.uint64))
+        if self.directory is None:
+            return TokenStore(self.lengths, info=info, ids=self.ids, flags=self.flags, **meta)
+        (get_idx_path,) = _indexed("get_idx_path")
+        self.ids.finalize(get_idx_path(str(self.directory / "ids")))
+        self.flags.finalize(get_idx_path(str(self.directory / "flags")))
+        np.savez(self.directory / "meta.npz", **meta)
+        # info.json last: its presence marks a complete directory
+        (self.directory / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        return None
+
+
+def open_store(directory: Path) -> TokenStore:
+    (IndexedDataset,) = _indexed("IndexedDataset")
+    info = json.loads((directory / "info.json").read_text())
+    if info.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache version {info.get('version')}")
+    meta = np.load(directory / "meta.npz")
+    ids = IndexedDataset(str(directory / "ids"))
+    flags = IndexedDataset(str(directory / "flags"))
+    if len(ids) != len(flags) or len(ids) != len(meta["hashes"]):
+        raise ValueError("inconsistent cache files")
+    return TokenStore(ids.sequence_lengths, meta["n_supervised"], meta["first_target"], meta["hashes"], info,
+                      ids=ids, flags=flags)
+
+
+# --------------------------------------------------------------------------- building
+
+_worker = {}
+
+
+def _worker_init(tokenizer_cfg) -> None:
+    from ..tokenizer import chat_template_for, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_cfg)
+    _worker["tok"], _worker["chat"] = tok, chat_template_for(tok, tokenizer_cfg.chat_template)
+
+
+def _encode_one(norm, tokenizer, chat):
+    """``(ids, flags)``, or the problem (a chat template failing on this record) as a string."""
+    from ..tokenizer import ChatTemplateError
+
+    try:
+        return encode(norm, tokenizer, chat)
+    except ChatTemplateError as exc:
+        return str(exc)
+
+
+def _worker_encode(norms: list) -> list:
+    return [_encode_one(n, _worker["tok"], _worker["chat"]) for n in norms]
+
+
+def _progress(label: str, total, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"tokenizing {label}", unit=" records", disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def worker_pool(workers: int, tokenizer_cfg):
+    """Tokenizer processes for :func:`load_or_build` (``pool=``); close it when done."""
+    import multiprocessing
+
+    # spawn: the parent may hold threads (torch, tokenizers) that fork would copy in a bad state
+    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (tokenizer_cfg,))
+    pool.workers = workers
+    return pool
+
+
+def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_cache=None, pool=None,
+                progress: bool = False):
+    """Tokenize a source into ``directory`` (None: in memory, returned), in this process or with
+    a :func:`worker_pool`. Raises DataError for an empty source or a malformed record (unless
+    skipping)."""
+    start = time.perf_counter()
+    reader = RecordReader(label, cfg, on_error, hf_cache)
+    writer = _Writer(directory)
+    bar = _progress(label, count_lines(cfg) if progress else None, progress)
+    seen = 0
+
+    def consume(where, result, h):
+        nonlocal seen
+        if isinstance(result, str):
+            reader.problem(where, result)
+        else:
+            writer.add(result[0], result[1], h)
+        bar.update(reader.count + reader.skipped - seen)
+        seen = reader.count + reader.skipped
+
+    try:
+        if pool is None:
+            for where, _, norm in reader:
+                consume(where, _encode_one(norm, tokenizer, chat), record_hash(norm))
+        else:
+            pending = deque()
+
+            def drain_one():
+                chunk, result = pending.popleft()
+                for (where, h), encoded in zip(chunk, result.get()):
+                    consume(where, encoded, h)
+
+            chunk, norms = [], []
+            for where, _, norm in reader:
+                chunk.append((where, record_hash(norm)))
+                norms.append(norm)
+                if len(chunk) == CHUNK:
+                    pending.append((chunk, pool.apply_async(_worker_encode, (norms,))))
+                    chunk, norms = [], []
+                    while len(pending) > 4 * pool.workers:  # bounded: a large corpus never sits in memory
+                        drain_one()
+            if chunk:
+                pending.append((chunk, pool.apply_async(_worker_encode, (norms,))))
+            while pending:
+                drain_one()
+    finally:
+        bar.close()
+    records = len(writer.lengths)
+    if records == 0:
+        skipped = f"; {reader.skipped} malformed records skipped, e.g. {reader.skip_examples[0]}" if reader.skipped else ""
+        raise DataError(f"{label} ({describe(cfg)}) has no samples{skipped}")
+    info = {"version": CACHE_VERSION, "label": label, "source": describe(cfg), "records": records,
+            "tokens": int(sum(writer.lengths)), "skipped": reader.skipped, "skip_examples": reader.skip_examples,
+            "seconds": round(time.perf_counter() - start, 3)}
+    return writer.finish(info), info
+
+
+class _Lock:
+    """An exclusive lock on a file (fcntl): one process builds a cache entry, the others wait."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(self.path, "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = False, pool=None,
+                  force: bool = False) -> tuple:
+    """``(store, status)``: the cached tokenized source, built first if needed. ``status`` has
+    ``cached`` (bool), ``key``, ``seconds`` (of this call) and the build's info."""
+    start = time.perf_counter()
+    on_error = cfg.on_error or data_cfg.on_error
+    root = cache_root(data_cfg)
+    hf_cache = root / "hf"
+    if not data_cfg.cache:
+        store, info = build_store(label, cfg, on_error, tokenizer, chat, None, hf_cache, pool, progress)
+        return store, {"cached": False, "key": None, "seconds": time.perf_counter() - start, **info}
+    key, ident = source_key(cfg, on_error, tokenizer, chat, hf_cache)
+    tokenized = root / "tokenized"
+    tokenized.mkdir(parents=True, exist_ok=True)
+    final = tokenized / key
+    with _Lock(tokenized / f"{key}.lock"):
+        if final.is_dir() and force:
+            shutil.rmtree(final)
+        if (final / "info.json").is_file():
+            try:
+                store = open_store(final)
+                return store, {"cached": True, "key": key, "seconds": time.perf_counter() - start, **store.info}
+            except Exception:  # an unreadable entry (older version, damaged disk): rebuild it
+                shutil.rmtree(final, ignore_errors=True)
+        for stale in tokenized.glob(f".{key}.tmp-*"):  # left by a killed build (builds hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tokenized / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress)
+            (tmp / "key.json").write_text(json.dumps(ident, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    store = open_store(final)
+    return store, {"cached": False, "key": key, "seconds": time.perf_counter() - start, **store.info}
