@@ -102,8 +102,10 @@ def write_records(records: list, out: Path, fmt: str) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            # every key of every record (from_pylist would keep only the first record's keys)
+            keys = list(dict.fromkeys(k for rec in records for k in rec))
             try:
-                table = pa.Table.from_pylist(records)
+                table = pa.Table.from_pydict({k: [rec.get(k) for rec in records] for k in keys})
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 raise DataError(f"the sources' records do not fit one Parquet table ({exc}); write JSONL instead "
                                 f"(--out with a .jsonl name)") from None
