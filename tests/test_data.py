@@ -164,6 +164,20 @@ def test_the_tokenizers_own_template_is_used_and_bos_is_not_doubled(tmp_path, to
     assert hf.decode(sample.ids) == "<s>User: Hi\n\nAssistant: Hello.<|im_end|>"
 
 
+def test_a_tokenizer_directory_gives_its_chat_template_in_either_place(tmp_path):
+    named = make_hf_tokenizer(tmp_path / "named", {"eos_token": "<|im_end|>", "chat_template": [
+        {"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": CHATML}]})
+    assert named.chat_template == CHATML and named.eos_token == "<|im_end|>" and named.bos_token is None
+    make_hf_tokenizer(tmp_path / "file", {"eos_token": "<|im_end|>"})
+    (tmp_path / "file" / "chat_template.jinja").write_text(CHATML)  # where newer transformers save it
+    assert load_tokenizer(TokenizerConfig(path=str(tmp_path / "file"))).chat_template == CHATML
+    assert make_hf_tokenizer(tmp_path / "none", {"eos_token": "<|im_end|>"}).chat_template is None
+    with pytest.raises(ConfigError, match="data.tokenizer.chat_template: the chat template does not compile"):
+        from scalebio.tokenizer import chat_template_for
+
+        chat_template_for(named, "{% for m in messages %}")
+
+
 def test_a_template_that_is_not_prefix_consistent_is_rejected_with_the_record(tmp_path, chatml_tok):
     cfg = data_cfg(tmp_path, {"chat": SourceConfig(str(write_jsonl(tmp_path / "c.jsonl", [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}])),
@@ -271,6 +285,10 @@ def test_malformed_line_names_file_and_line(tmp_path, tok):
     f.write_text('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: turn 2: 'from' is 'bot'; expected one of"):
         load_one(tmp_path, tok, f, "sharegpt")
+    obj = tmp_path / "obj.json"
+    obj.write_text('{\n  "data": [{"text": "one"}]\n}\n')
+    with pytest.raises(DataError, match=r"obj\.json:1: malformed JSON .*read as an array of records or as JSON lines"):
+        load_one(tmp_path, tok, obj)
     arr = tmp_path / "bad.json"
     arr.write_text('[\n  {"text": "one"},\n  {"text": 2}\n]\n')
     with pytest.raises(DataError, match=r"bad\.json:3: key 'text' is not a string"):

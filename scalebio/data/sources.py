@@ -83,7 +83,7 @@ def _decode(raw: bytes):
         return None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"
 
 
-def _read_jsonl(path: Path, first_line: int = 1, data: bytes | None = None):
+def _read_jsonl(path: Path, first_line: int = 1, data: bytes | None = None, hint: str = ""):
     fh = open(path, "rb") if data is None else io.BytesIO(data)
     with fh:
         for lineno, raw in enumerate(fh, first_line):
@@ -95,7 +95,7 @@ def _read_jsonl(path: Path, first_line: int = 1, data: bytes | None = None):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    problem = f"malformed JSON ({exc.msg} at column {exc.colno})"
+                    problem = f"malformed JSON ({exc.msg} at column {exc.colno}){hint}"
             yield f"{path}:{lineno}", rec, problem
 
 
@@ -106,7 +106,7 @@ def _read_json(path: Path):
         data = data[3:]
     head = data.lstrip()[:1]
     if head != b"[":
-        yield from _read_jsonl(path, data=data)
+        yield from _read_jsonl(path, data=data, hint="; a .json file is read as an array of records or as JSON lines")
         return
     try:
         text = data.decode("utf-8")
