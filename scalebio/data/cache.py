@@ -24,12 +24,13 @@ import shutil
 import time
 import uuid
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from .formats import DataError, encode, record_hash
-from .sources import RecordReader, count_lines, data_identity, describe
+from .formats import DataError, RecordError, encode, normalize, record_hash
+from .sources import ProblemLog, count_lines, data_identity, describe, parse_item, raw_records
 
 CACHE_VERSION = 1
 CHUNK = 256  # records per task with worker processes
@@ -115,25 +116,36 @@ class _Writer:
             self.ids = IndexedDatasetBuilder(get_bin_path(str(directory / "ids")), dtype=np.int32)
             self.flags = IndexedDatasetBuilder(get_bin_path(str(directory / "flags")), dtype=np.uint8)
 
-    def add(self, ids: np.ndarray, flags: np.ndarray, h: int) -> None:
-        targets = np.flatnonzero(flags[1:])
-        self.lengths.append(len(ids))
-        self.n_supervised.append(len(targets))
-        self.first_target.append(int(targets[0]) + 1 if len(targets) else -1)
-        self.hashes.append(h)
+    @property
+    def records(self) -> int:
+        return sum(len(x) for x in self.lengths)
+
+    def add_chunk(self, chunk: dict, keep: int) -> None:
+        """The first ``keep`` encoded records of a processed chunk (see :func:`process_chunk`)."""
+        if keep == 0:
+            return
+        lengths = chunk["lengths"][:keep]
+        tokens = int(lengths.sum())
+        ids, flags = chunk["ids"][:tokens], chunk["flags"][:tokens]
+        self.lengths.append(lengths)
+        for name in ("n_supervised", "first_target", "hashes"):
+            getattr(self, name).append(chunk[name][:keep])
         if self.directory is None:
-            self.ids.append(ids)
-            self.flags.append(flags)
-        else:
-            self.ids.add_document(ids, [len(ids)])
-            self.flags.add_document(flags, [len(flags)])
+            cuts = np.cumsum(lengths)[:-1]
+            self.ids += np.split(ids, cuts)
+            self.flags += np.split(flags, cuts)
+        else:  # one write per chunk; every record is its own sequence in the index
+            self.ids.add_document(ids, lengths.tolist())
+            self.flags.add_document(flags, lengths.tolist())
 
     def finish(self, info: dict) -> TokenStore:
-        meta = dict(n_supervised=np.asarray(self.n_supervised, np.int64),
-                    first_target=np.asarray(self.first_target, np.int64),
-                    hashes=np.asarray(self.hashes, np.uint64))
+        def cat(parts, dtype):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        meta = dict(n_supervised=cat(self.n_supervised, np.int64), first_target=cat(self.first_target, np.int64),
+                    hashes=cat(self.hashes, np.uint64))
         if self.directory is None:
-            return TokenStore(self.lengths, info=info, ids=self.ids, flags=self.flags, **meta)
+            return TokenStore(cat(self.lengths, np.int64), info=info, ids=self.ids, flags=self.flags, **meta)
         (get_idx_path,) = _indexed("get_idx_path")
         self.ids.finalize(get_idx_path(str(self.directory / "ids")))
         self.flags.finalize(get_idx_path(str(self.directory / "flags")))
@@ -169,18 +181,40 @@ def _worker_init(tokenizer_cfg) -> None:
     _worker["tok"], _worker["chat"] = tok, chat_template_for(tok, tokenizer_cfg.chat_template)
 
 
-def _encode_one(norm, tokenizer, chat):
-    """``(ids, flags)``, or the problem (a chat template failing on this record) as a string."""
+def process_chunk(items: list, fmt: str, columns: dict, tokenizer, chat) -> dict:
+    """Parse, check, normalise, hash and encode raw items (``(record, problem)`` pairs from a
+    reader), in a worker or in-process. Returns the problems by position, and the encoded records
+    (those without a problem, in order) as concatenated arrays."""
     from ..tokenizer import ChatTemplateError
 
-    try:
-        return encode(norm, tokenizer, chat)
-    except ChatTemplateError as exc:
-        return str(exc)
+    problems, ids, flags, lengths, n_sup, first, hashes = {}, [], [], [], [], [], []
+    for j, (record, problem) in enumerate(items):
+        record, problem = parse_item(record, problem)
+        if problem is None:
+            try:
+                norm = normalize(record, fmt, columns)
+                a, f = encode(norm, tokenizer, chat)
+            except (RecordError, ChatTemplateError) as exc:  # a template may reject one conversation
+                problem = str(exc)
+        if problem is not None:
+            problems[j] = problem
+            continue
+        targets = np.flatnonzero(f[1:])
+        ids.append(a)
+        flags.append(f)
+        lengths.append(len(a))
+        n_sup.append(len(targets))
+        first.append(int(targets[0]) + 1 if len(targets) else -1)
+        hashes.append(record_hash(norm))
+    return {"problems": problems,
+            "ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
+            "flags": np.concatenate(flags) if flags else np.zeros(0, np.uint8),
+            "lengths": np.asarray(lengths, np.int64), "n_supervised": np.asarray(n_sup, np.int64),
+            "first_target": np.asarray(first, np.int64), "hashes": np.asarray(hashes, np.uint64)}
 
 
-def _worker_encode(norms: list) -> list:
-    return [_encode_one(n, _worker["tok"], _worker["chat"]) for n in norms]
+def _worker_chunk(items: list, fmt: str, columns: dict) -> dict:
+    return process_chunk(items, fmt, columns, _worker["tok"], _worker["chat"])
 
 
 def _progress(label: str, total, enabled: bool):
@@ -191,69 +225,96 @@ def _progress(label: str, total, enabled: bool):
 
 
 def worker_pool(workers: int, tokenizer_cfg):
-    """Tokenizer processes for :func:`load_or_build` (``pool=``); close it when done."""
+    """Tokenizer processes for :func:`load_or_build` (``pool=``); ``shutdown()`` it when done.
+
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a worker that dies (or fails to start)
+    breaks the executor with an error, where a Pool would replace it forever and hang."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     # spawn: the parent may hold threads (torch, tokenizers) that fork would copy in a bad state
-    pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (tokenizer_cfg,))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(tokenizer_cfg,))
     pool.workers = workers
     return pool
+
+
+def _chunks(cfg, hf_cache):
+    """``(wheres, items)`` of CHUNK raw items at a time; JSON lines stay unparsed."""
+    wheres, items = [], []
+    for where, record, problem in raw_records(cfg, hf_cache):
+        wheres.append(where)
+        items.append((record, problem))
+        if len(items) == CHUNK:
+            yield wheres, items
+            wheres, items = [], []
+    if items:
+        yield wheres, items
 
 
 def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_cache=None, pool=None,
                 progress: bool = False):
     """Tokenize a source into ``directory`` (None: in memory, returned), in this process or with
-    a :func:`worker_pool`. Raises DataError for an empty source or a malformed record (unless
-    skipping)."""
+    a :func:`worker_pool`. The main process only reads lines and writes results; parsing,
+    checking and tokenizing happen in the workers, in order-preserving chunks. Raises DataError
+    for an empty source or a malformed record (unless skipping)."""
     start = time.perf_counter()
-    reader = RecordReader(label, cfg, on_error, hf_cache)
+    problems = ProblemLog(label, on_error)
     writer = _Writer(directory)
+    limit = cfg.max_samples
     bar = _progress(label, count_lines(cfg) if progress else None, progress)
-    seen = 0
+    count = 0
 
-    def consume(where, result, h):
-        nonlocal seen
-        if isinstance(result, str):
-            reader.problem(where, result)
-        else:
-            writer.add(result[0], result[1], h)
-        bar.update(reader.count + reader.skipped - seen)
-        seen = reader.count + reader.skipped
+    def consume(wheres, chunk) -> bool:
+        """Apply one processed chunk in order; True once max_samples is reached."""
+        nonlocal count
+        keep, done = 0, False
+        for j, where in enumerate(wheres):
+            if limit is not None and count >= limit:
+                done = True
+                break
+            if j in chunk["problems"]:
+                problems(where, chunk["problems"][j])
+                continue
+            count += 1
+            keep += 1
+        writer.add_chunk(chunk, keep)
+        bar.update(len(wheres))
+        return done or (limit is not None and count >= limit)
 
     try:
         if pool is None:
-            for where, _, norm in reader:
-                consume(where, _encode_one(norm, tokenizer, chat), record_hash(norm))
+            for wheres, items in _chunks(cfg, hf_cache):
+                if consume(wheres, process_chunk(items, cfg.format, cfg.columns, tokenizer, chat)):
+                    break
         else:
             pending = deque()
-
-            def drain_one():
-                chunk, result = pending.popleft()
-                for (where, h), encoded in zip(chunk, result.get()):
-                    consume(where, encoded, h)
-
-            chunk, norms = [], []
-            for where, _, norm in reader:
-                chunk.append((where, record_hash(norm)))
-                norms.append(norm)
-                if len(chunk) == CHUNK:
-                    pending.append((chunk, pool.apply_async(_worker_encode, (norms,))))
-                    chunk, norms = [], []
-                    while len(pending) > 4 * pool.workers:  # bounded: a large corpus never sits in memory
-                        drain_one()
-            if chunk:
-                pending.append((chunk, pool.apply_async(_worker_encode, (norms,))))
-            while pending:
-                drain_one()
+            done = False
+            for wheres, items in _chunks(cfg, hf_cache):
+                pending.append((wheres, pool.submit(_worker_chunk, items, cfg.format, cfg.columns)))
+                while len(pending) > 4 * pool.workers or (pending and pending[0][1].done()):
+                    wheres0, result = pending.popleft()  # in order: errors and max_samples apply as in one process
+                    if consume(wheres0, result.result()):
+                        done = True
+                        break
+                if done:
+                    break
+            while pending and not done:
+                wheres0, result = pending.popleft()
+                done = consume(wheres0, result.result())
+    except BrokenProcessPool as exc:
+        raise DataError(f"{label}: a tokenizer worker process stopped ({exc}); run with --workers 1 to see the "
+                        f"error in this process") from None
     finally:
         bar.close()
-    records = len(writer.lengths)
+    records = writer.records
     if records == 0:
-        skipped = f"; {reader.skipped} malformed records skipped, e.g. {reader.skip_examples[0]}" if reader.skipped else ""
+        skipped = f"; {problems.skipped} malformed records skipped, e.g. {problems.skip_examples[0]}" \
+            if problems.skipped else ""
         raise DataError(f"{label} ({describe(cfg)}) has no samples{skipped}")
     info = {"version": CACHE_VERSION, "label": label, "source": describe(cfg), "records": records,
-            "tokens": int(sum(writer.lengths)), "skipped": reader.skipped, "skip_examples": reader.skip_examples,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "tokens": int(sum(int(x.sum()) for x in writer.lengths)), "skipped": problems.skipped,
+            "skip_examples": problems.skip_examples, "seconds": round(time.perf_counter() - start, 3)}
     return writer.finish(info), info
 
 

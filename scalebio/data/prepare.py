@@ -48,7 +48,7 @@ def prepare_data(cfg: DataConfig, workers: int = 1, force: bool = False, progres
             statuses.append(_prepare_one(label, name, scfg, cfg, tokenizer, chat, pool, force, progress, say))
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(cancel_futures=True)
     if cfg.validation is not None:  # every check of a run, now from the cache
         data = RunData(cfg, tokenizer, seed=0)
         for line in data.summary():

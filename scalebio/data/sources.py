@@ -73,7 +73,33 @@ def _file_type(path: Path, cfg) -> str:
 
 
 # --------------------------------------------------------------------------- readers
-# Each yields (where, record, problem): problem is None or what is wrong with the raw line.
+# Each yields (where, record, problem): problem is None or what is wrong with the raw line. A
+# JSON line is yielded unparsed (a JsonLine) and parsed by parse_item where the record is used,
+# so that with worker processes the parsing happens in the workers.
+
+
+class JsonLine(str):
+    """One line of a JSON-lines file, not parsed yet."""
+
+    __slots__ = ()
+
+
+class _JsonFileLine(JsonLine):
+    """A JSON line of a ``.json`` file (the error says how ``.json`` files are read)."""
+
+    __slots__ = ()
+
+
+def parse_item(record, problem):
+    """``(record, problem)`` of a reader's item, parsing a JsonLine."""
+    if problem is None and isinstance(record, JsonLine):
+        try:
+            return json.loads(record), None
+        except json.JSONDecodeError as exc:
+            hint = "; a .json file is read as an array of records or as JSON lines" \
+                if isinstance(record, _JsonFileLine) else ""
+            return None, f"malformed JSON ({exc.msg} at column {exc.colno}){hint}"
+    return record, problem
 
 
 def _decode(raw: bytes):
@@ -83,20 +109,14 @@ def _decode(raw: bytes):
         return None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"
 
 
-def _read_jsonl(path: Path, first_line: int = 1, data: bytes | None = None, hint: str = ""):
+def _read_jsonl(path: Path, data: bytes | None = None, line_type=JsonLine):
     fh = open(path, "rb") if data is None else io.BytesIO(data)
     with fh:
-        for lineno, raw in enumerate(fh, first_line):
+        for lineno, raw in enumerate(fh, 1):
             line, problem = _decode(raw)
             if problem is None and not line.strip():
                 continue
-            rec = None
-            if problem is None:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problem = f"malformed JSON ({exc.msg} at column {exc.colno}){hint}"
-            yield f"{path}:{lineno}", rec, problem
+            yield f"{path}:{lineno}", None if problem else line_type(line), problem
 
 
 def _read_json(path: Path):
@@ -106,7 +126,7 @@ def _read_json(path: Path):
         data = data[3:]
     head = data.lstrip()[:1]
     if head != b"[":
-        yield from _read_jsonl(path, data=data, hint="; a .json file is read as an array of records or as JSON lines")
+        yield from _read_jsonl(path, data=data, line_type=_JsonFileLine)
         return
     try:
         text = data.decode("utf-8")
@@ -260,29 +280,40 @@ def raw_records(cfg, hf_cache=None):
             yield from _read_columnar(f, kind, hf_cache)
 
 
-class RecordReader:
-    """The valid records of a source as ``(where, raw, normalised)``.
+class ProblemLog:
+    """Bad records of one source: raise at the first (``on_error: error``), or count them and keep
+    the first few for the report (``skip``)."""
 
-    A malformed record stops with its file and line (``on_error: error``) or is skipped and
-    counted (``skip``); the first few skipped ones are kept for the report."""
-
-    def __init__(self, label: str, cfg, on_error: str, hf_cache=None):
-        self.label, self.cfg, self.on_error, self.hf_cache = label, cfg, on_error, hf_cache
+    def __init__(self, label: str, on_error: str):
+        self.label, self.on_error = label, on_error
         self.skipped = 0
         self.skip_examples: list = []
-        self.count = 0
 
-    def problem(self, where: str, problem: str) -> None:
-        """A bad record: raise, or count it when skipping."""
+    def __call__(self, where: str, problem: str) -> None:
         if self.on_error == "error":
             raise DataError(f"{where}: {problem} ({self.label}; set on_error: skip to skip and count such records)")
         self.skipped += 1
         if len(self.skip_examples) < 3:
             self.skip_examples.append(f"{where}: {problem}")
 
+
+class RecordReader:
+    """The valid records of a source as ``(where, raw, normalised)``, in order, at most
+    ``max_samples``; bad records go to ``self.problems`` (a ProblemLog)."""
+
+    def __init__(self, label: str, cfg, on_error: str, hf_cache=None):
+        self.label, self.cfg, self.hf_cache = label, cfg, hf_cache
+        self.problems = ProblemLog(label, on_error)
+        self.count = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.problems.skipped
+
     def __iter__(self):
         cfg = self.cfg
         for where, raw, problem in raw_records(cfg, self.hf_cache):
+            raw, problem = parse_item(raw, problem)
             norm = None
             if problem is None:
                 try:
@@ -290,7 +321,7 @@ class RecordReader:
                 except RecordError as exc:
                     problem = str(exc)
             if problem is not None:
-                self.problem(where, problem)
+                self.problems(where, problem)
                 continue
             self.count += 1
             yield where, raw, norm
