@@ -7,7 +7,7 @@ One directory per (data, tokenizer, settings) under ``<cache>/tokenized/<key>/``
 - ``flags.bin/.idx``: per-token supervision flags (uint8, 1 = supervised target);
 - ``meta.npz``: per record the number of supervised targets, the position of the first one, and
   a 64-bit hash of the normalised record (for the validation overlap check);
-- ``info.json``: counts, skipped records, what the key was made of.
+- ``info.json``: counts and skipped records; ``key.json``: what the key was made of.
 
 The key hashes the data's identity (each file's resolved path, size and modification time; a Hub
 dataset's fingerprint), the format and its settings, the tokenizer file's bytes and special
@@ -44,18 +44,11 @@ def cache_root(data_cfg) -> Path:
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    cached = getattr(tokenizer, "_scalebio_identity", None)
-    if cached is not None:
-        return cached
+    """What the cache key needs to know about a tokenizer: its file's bytes and special tokens."""
     digest = hashlib.sha256(Path(tokenizer.path).read_bytes()).hexdigest()
-    ident = {"kind": type(tokenizer).__name__, "file": digest, "vocab_size": tokenizer.vocab_size,
-             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-             "add_bos": bool(tokenizer.add_bos), "add_eos": bool(tokenizer.add_eos)}
-    try:
-        tokenizer._scalebio_identity = ident
-    except AttributeError:
-        pass
-    return ident
+    return {"kind": type(tokenizer).__name__, "file": digest, "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "add_bos": bool(tokenizer.add_bos), "add_eos": bool(tokenizer.add_eos)}
 
 
 def source_key(cfg, on_error: str, tokenizer, chat, hf_cache) -> tuple:
@@ -351,7 +344,11 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
         return store, {"cached": False, "key": None, "seconds": time.perf_counter() - start, **info}
     key, ident = source_key(cfg, on_error, tokenizer, chat, hf_cache)
     tokenized = root / "tokenized"
-    tokenized.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenized.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the cache directory {tokenized} ({exc.strerror}); set data.cache_dir or "
+                        f"$SCALEBIO_CACHE to a writable place, or data.cache: false") from None
     final = tokenized / key
     with _Lock(tokenized / f"{key}.lock"):
         if final.is_dir() and force:
@@ -369,6 +366,9 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
         try:
             _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress)
             (tmp / "key.json").write_text(json.dumps(ident, indent=1) + "\n")
+            for f in tmp.iterdir():  # on disk before the rename, so that even a power cut cannot expose a torn entry
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)

@@ -140,9 +140,13 @@ def _pieces(norm: dict, tokenizer, chat) -> list:
                 out.append((header + m["content"], False))
         return out
     text, spans = chat.assistant_spans(messages)
-    # the template may write BOS itself (Llama 3 does); never add a second one
-    out = [] if chat.bos_token and text.startswith(chat.bos_token) else list(bos)
     pos = 0
+    if chat.bos_token and text.startswith(chat.bos_token) and tokenizer.bos_id >= 0:
+        # the template writes BOS itself (Llama 3 does): use the id, never a second BOS, and never
+        # the BOS text as plain characters (a sentencepiece model would not read it as the token)
+        out, pos = [(tokenizer.bos_id, False)], len(chat.bos_token)
+    else:
+        out = list(bos)
     for start, end in spans:
         out += [(text[pos:start], False), (text[start:end], True)]
         pos = end

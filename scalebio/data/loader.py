@@ -335,8 +335,9 @@ class RunData:
 
     def summary(self) -> list:
         rows = [t.describe() for t in self.train + [self.val] + ([self.test] if self.test is not None else [])]
-        how = "stratified " + "/".join(map(str, self.cfg.batch_counts.values())) if self.cfg.batch_counts else \
-            self.sampling
+        how = self.sampling
+        if self.cfg.batch_counts:
+            how += " (" + ", ".join(f"{n} {self.cfg.batch_counts[n]}" for n in self.source_names) + " per batch)"
         rows.append(f"sampling: {how}" + (", packed rows" if self.packing else ""))
         return rows + self.warnings
 
