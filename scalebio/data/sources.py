@@ -29,7 +29,7 @@ def _is_saved_dataset(path: Path) -> bool:
 def source_files(cfg) -> list:
     """The files of a local source, in a stable (sorted) order."""
     p = cfg.path
-    if any(c in p for c in "*?["):
+    if any(c in p for c in "*?[") and not Path(p).exists():  # a glob (unless a file is really named so)
         files = sorted(Path(f) for f in glob.glob(p, recursive=True) if Path(f).is_file())
         if not files:
             raise DataError(f"no data files match {p}")
