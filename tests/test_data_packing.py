@@ -109,3 +109,37 @@ def test_packing_fills_rows_first_fit_and_resumes_exactly(tmp_path):
         seen += int((d.next_train(8).segment_source >= 0).sum())
     assert d._train_sampler.epoch >= 1 or seen == total
     np.testing.assert_array_equal(d._train_positions[:3], np.concatenate([t.positions for t in d.train])[:3])
+
+
+def _packed_pass(rank, world, tmp, sets):
+    """Per-source loss sums and the gradient norm of u on the packed batch."""
+    from helpers import tiny_request
+    from scalebio.runner import open_run, prepare
+
+    with open_run(prepare(tiny_request(tmp, *PARALLEL_SETS, *sets)), verbose=False) as (ctx, data):
+        return _u_pass(ctx.backend, _packed_and_plain(data, PARALLEL_LAYOUT)[0])
+
+
+PARALLEL_SETS = ("data.seq_length=64", "run.micro_batch=2")
+PARALLEL_LAYOUT = [[0, 1, 0], [2, 0], [1, 2], [0]]
+
+
+def _u_pass(backend, batch):
+    backend.set_trainable("u", frozenset(range(4)), keep_state=False)
+    coef, _ = loss_coefficients(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), batch.source_counts(3))
+    res = backend.forward_backward("u", batch, coef)
+    norm = backend.optimizer_step("u", 0.0, 1e9)["grad_norm"]  # the norm over all ranks, nothing clipped
+    return res.loss_sum, res.count, norm
+
+
+@pytest.mark.slow
+def test_packing_is_exact_under_data_and_pipeline_parallelism(tmp_path, tiny_run):
+    from distributed import run_ranks
+
+    ctx, data = tiny_run(*PARALLEL_SETS)
+    want = _u_pass(ctx.backend, _packed_and_plain(data, PARALLEL_LAYOUT)[1])  # one process, one sample per row
+    for layout in ((), ("megatron.pp=2",)):  # DP=2, then PP=2 (the mask is needed on every stage)
+        for loss_sum, count, norm in run_ranks(_packed_pass, 2, tmp_path / f"run{len(layout)}", layout):
+            assert count.tolist() == want[1].tolist() == [4.0, 2.0, 2.0]
+            assert torch.allclose(loss_sum, want[0], rtol=1e-5, atol=1e-5)
+            assert abs(norm - want[2]) <= 1e-4 * want[2], layout
