@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     add_run_arguments(sub.add_parser("run", help="run the bilevel reweighting (the embedded demo by default)"))
     sub.add_parser("plugins", help="list installed plugins with role, version and hooks")
     sub.add_parser("models", help="list the model configs")
-    add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of a run"))
+    add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of "
+                                                         "a run"))
     add_export_arguments(sub.add_parser("export", help="write a reweighted mixture from a run's weights.json"))
     args = ap.parse_args(argv)
     if args.command == "plugins":

@@ -398,7 +398,8 @@ class SourceConfig:
     split: str = "train"  # split of a Hub dataset or a save_to_disk folder
     revision: Optional[str] = None  # Hub revision (a commit hash pins the data)
     format: Literal["text", "prompt_response", "alpaca", "sharegpt", "messages"] = "text"
-    file_type: Optional[Literal["jsonl", "json", "csv", "tsv", "txt", "parquet", "arrow"]] = None  # null: from the extension
+    # null: from the extension
+    file_type: Optional[Literal["jsonl", "json", "csv", "tsv", "txt", "parquet", "arrow"]] = None
     columns: dict[str, str] = field(default_factory=dict)  # format field -> the name in this data
     max_samples: Optional[int] = None  # keep the first N valid records
     on_error: Optional[Literal["error", "skip"]] = None  # a malformed record; null: data.on_error

@@ -95,7 +95,8 @@ def test_alpaca_uses_the_alpaca_prompt_and_supervises_the_output(tok):
     with_input = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                   "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers."
                   "\n\n### Input:\n2 and 3\n\n### Response:\n")
-    sample, _ = encode_record({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, "alpaca", tok, 512)
+    rec = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    sample, _ = encode_record(rec, "alpaca", tok, 512)
     p, r = tok.encode(with_input), tok.encode("5")
     assert sample.ids.tolist() == [tok.bos_id] + p + r + [tok.eos_id]
     assert sample.mask.tolist() == [False] * len(p) + [True] * (len(r) + 1)
@@ -429,8 +430,8 @@ def _same(x, y) -> bool:
     return all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("tokens", "labels", "loss_mask", "source"))
 
 
-@pytest.mark.parametrize("mode", [{}, {"sampling": "stratified"}, {"sampling": "stratified",
-                                                                  "batch_counts": {"clean": 5, "shuffled": 2, "typos": 2}}])
+@pytest.mark.parametrize("mode", [{}, {"sampling": "stratified"},
+                                  {"sampling": "stratified", "batch_counts": {"clean": 5, "shuffled": 2, "typos": 2}}])
 def test_a_resumed_run_sees_exactly_the_batches_it_would_have_seen(tmp_path, tok, mode):
     cfg = _demo_cfg(tmp_path, max_samples=40, **mode)
     n = 120  # several epochs of every stream: 40 samples per source, 9 per step

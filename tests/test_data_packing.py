@@ -63,8 +63,8 @@ def test_packed_validation_batch_has_the_token_mean_of_plain_rows(tiny_run):
     ctx, data = tiny_run("data.seq_length=64")
     backend = ctx.backend
     val = [data.val.sample(int(i)) for i in np.flatnonzero(data.val.positions <= 30)[:6]]
-    packed = collate_packed([[(val[0], -1), (val[1], -1)], [(val[2], -1), (val[3], -1)], [(val[4], -1)], [(val[5], -1)]],
-                            data.seq_length, data.pad_id)
+    rows = [[(val[0], -1), (val[1], -1)], [(val[2], -1), (val[3], -1)], [(val[4], -1)], [(val[5], -1)]]
+    packed = collate_packed(rows, data.seq_length, data.pad_id)
     plain = collate(val + val[:2], [-1] * 8, data.seq_length, data.pad_id)
     plain.loss_mask[6:] = 0  # rows 6, 7 repeat samples to fill the micro-batch; take them out
     a, b = backend.evaluate("w", packed), backend.evaluate("w", plain)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import DataError
+from .cache import cache_root
 from .prepare import data_sets
 from .sources import RecordReader
 
@@ -69,7 +70,7 @@ def _draw(available: int, n: int, rng) -> np.ndarray:
 def _records(label, scfg, cfg, wanted: Counter | None = None):
     """All valid records of a source in order (``wanted`` = None), or those whose position is in
     ``wanted``, as a dict position -> record."""
-    reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, None)
+    reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
     if wanted is None:
         return [raw for _, raw, _ in reader], reader
     out = {}
@@ -129,10 +130,10 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
     names = sorted(cfg.sources)
     missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
     if missing or extra:
-        raise DataError("the weights do not match the data YAML's sources: "
-                        + "; ".join(p for p in (f"no weight for {', '.join(missing)}" if missing else "",
-                                                f"weights for unknown sources {', '.join(extra)}" if extra else "") if p)
-                        + f" (sources: {', '.join(names)}; weights: {', '.join(sorted(weights))})")
+        problems = ([f"no weight for {', '.join(missing)}"] if missing else []) + \
+            ([f"weights for unknown sources {', '.join(extra)}"] if extra else [])
+        raise DataError(f"the weights do not match the data YAML's sources: {'; '.join(problems)} "
+                        f"(sources: {', '.join(names)}; weights: {', '.join(sorted(weights))})")
     counts = mixture_counts(weights, size)
     total_pi = sum(weights.values())
     picked, rows = [], []
@@ -142,7 +143,8 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
             rows.append((name, weights[name] / total_pi, 0, None))
             continue
         # pass 1 counts the valid records, pass 2 keeps only the drawn ones: a large source never sits in memory
-        available = sum(1 for _ in RecordReader(label, scfg, scfg.on_error or cfg.on_error, None))
+        reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
+        available = sum(1 for _ in reader)
         if available == 0:
             raise DataError(f"{label} ({scfg.path or scfg.dataset}) has no valid records to draw from")
         idx = _draw(available, n, np.random.default_rng([seed, k]))

@@ -267,7 +267,8 @@ class RunData:
             for other in others:
                 n = int(np.isin(data.store.hashes, other.store.hashes).sum())
                 if n:
-                    hits.append(f"{n} in {'source ' + repr(other.name) if other is not self.val else 'the validation set'}")
+                    where = "the validation set" if other is self.val else f"source '{other.name}'"
+                    hits.append(f"{n} in {where}")
             if hits:
                 msg = (f"the {what} overlaps other data: of its {len(data.store)} examples, these are exact duplicates "
                        f"of examples elsewhere: {', '.join(hits)}")
