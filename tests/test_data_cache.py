@@ -202,3 +202,15 @@ def test_cache_false_keeps_everything_in_memory(tmp_path):
     assert len(data.train[0].samples) == 5 and not (tmp_path / "cache").exists()
     with pytest.raises(DataError, match="nothing to prepare"):
         prepare_data(_cfg(tmp_path, src, cache=False), say=lambda *a: None)
+
+
+def test_supervised_counts_of_truncated_samples_are_exact_and_kept(tmp_path):
+    # 1 BOS + 40 words: truncated to seq_length + 1 = 17 tokens, 16 supervised targets each
+    src = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["word"] * 40)}] * 3)
+    cfg = _cfg(tmp_path, src, format="text", seq_length=16)
+    data = RunData(cfg, CountingTokenizer(), seed=0)
+    assert data.train[0].truncated == 3 and data.train[0].supervised_tokens == 3 * 16
+    entry = tmp_path / "cache" / "tokenized" / data.train[0].status["key"]
+    assert np.load(entry / "supervised-17.npy").tolist() == [16, 16, 16]
+    again = RunData(cfg, CountingTokenizer(), seed=0)
+    assert again.train[0].supervised_tokens == 48

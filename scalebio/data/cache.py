@@ -79,16 +79,41 @@ def _indexed(*names):
 class TokenStore:
     """Token ids and supervision flags of a source's records (on disk or in memory)."""
 
-    def __init__(self, lengths, n_supervised, first_target, hashes, info, ids=None, flags=None):
+    def __init__(self, lengths, n_supervised, first_target, hashes, info, ids=None, flags=None, directory=None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.n_supervised = np.asarray(n_supervised, dtype=np.int64)
         self.first_target = np.asarray(first_target, dtype=np.int64)
         self.hashes = np.asarray(hashes, dtype=np.uint64)
         self.info = info
         self._ids, self._flags = ids, flags  # IndexedDatasets, or lists of arrays
+        self.directory = directory  # the cache entry, or None in memory
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def supervised_within(self, limit: int) -> np.ndarray:
+        """Supervised targets of each record within its first ``limit`` tokens.
+
+        Only truncated records need their flags read, one by one; on disk the result is kept in
+        the cache entry (``supervised-<limit>.npy``), so a restart does not read them again."""
+        memo = None if self.directory is None else self.directory / f"supervised-{limit}.npy"
+        if memo is not None and memo.is_file():
+            try:
+                return np.load(memo)
+            except (OSError, ValueError):
+                pass
+        out = self.n_supervised.copy()
+        for i in np.flatnonzero(self.lengths > limit):
+            out[i] = int(np.count_nonzero(self.sample(i, limit)[1][1:]))
+        if memo is not None:
+            tmp = memo.with_name(f".{memo.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, out)
+                os.replace(tmp, memo)
+            except OSError:  # a read-only shared cache: just recompute next time
+                tmp.unlink(missing_ok=True)
+        return out
 
     def sample(self, i: int, limit: int) -> tuple:
         """``(ids, flags)`` of record ``i``, its first ``limit`` tokens."""
@@ -159,7 +184,7 @@ def open_store(directory: Path) -> TokenStore:
     if len(ids) != len(flags) or len(ids) != len(meta["hashes"]):
         raise ValueError("inconsistent cache files")
     return TokenStore(ids.sequence_lengths, meta["n_supervised"], meta["first_target"], meta["hashes"], info,
-                      ids=ids, flags=flags)
+                      ids=ids, flags=flags, directory=directory)
 
 
 # --------------------------------------------------------------------------- building

@@ -80,10 +80,7 @@ class TokenizedSet:
         self.index = np.flatnonzero(keep)
         self.truncated = int((lengths > limit).sum())
         self.dropped = len(store) - len(self.index)
-        supervised = store.n_supervised.copy()
-        for i in np.flatnonzero(keep & (lengths > limit)):  # only truncated samples need their flags read
-            supervised[i] = int(store.sample(i, limit)[1][1:].sum())
-        self.supervised_tokens = int(supervised[self.index].sum())
+        self.supervised_tokens = int(store.supervised_within(limit)[self.index].sum())
         # positions a sample takes in a row: its tokens but the last (which is only a target)
         self.positions = np.minimum(lengths[self.index], limit) - 1
         self.samples = _Samples(self)
