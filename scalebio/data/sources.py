@@ -247,7 +247,7 @@ def _load_hub(cfg, hf_cache):
         raise DataError(f"cannot load dataset '{cfg.dataset}' from the Hugging Face Hub ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline machine? Download it where the "
                         f"network is reachable (datasets' save_to_disk or the data files) and give its local "
-                        f"'path' instead") from None
+                        f"'path' instead; HF_HUB_OFFLINE=1 makes this fail at once instead of after retries") from None
 
 
 def _read_hub(cfg, hf_cache):
