@@ -360,6 +360,8 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
                   force: bool = False) -> tuple:
     """``(store, status)``: the cached tokenized source, built first if needed. ``status`` has
     ``cached`` (bool), ``key``, ``seconds`` (of this call) and the build's info."""
+    if data_cfg.cache:
+        _indexed("IndexedDataset")  # import megatron-core once, outside the reported time
     start = time.perf_counter()
     on_error = cfg.on_error or data_cfg.on_error
     root = cache_root(data_cfg)
