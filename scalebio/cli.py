@@ -1,5 +1,6 @@
-"""Command line: ``scalebio run|eval|plugins|models`` (``tools/run.py`` is ``scalebio run``,
-``tools/evaluate.py`` is ``scalebio eval``)."""
+"""Command line: ``scalebio run|eval|plugins|models|prepare|export`` (``tools/run.py`` is ``scalebio run``,
+``tools/evaluate.py`` is ``scalebio eval``, ``tools/prepare_data.py`` is ``scalebio prepare``,
+``tools/export_mixture.py`` is ``scalebio export``)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,59 @@ def cmd_run(args) -> int:
     return 0
 
 
+def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--data", required=True, metavar="DATA.yaml", help="the data YAML of the run")
+    ap.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    ap.add_argument("--cache-dir", default=None, help="cache directory (default: data.cache_dir, $SCALEBIO_CACHE "
+                                                      "or ~/.cache/scalebio)")
+    ap.add_argument("--force", action="store_true", help="retokenize even when a cache entry exists")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_prepare(args) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .data.prepare import load_data_config, prepare_data
+
+    if args.workers < 1:
+        return _fail(f"--workers must be at least 1, got {args.workers}")
+    try:
+        cfg = load_data_config(args.data, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
+        prepare_data(cfg, workers=args.workers, force=args.force, progress=not args.no_progress)
+    except (ConfigError, DataError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted (nothing half-written is left in the cache)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_export_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--weights", required=True, metavar="RUN_DIR/weights.json", help="a run's learned weights")
+    ap.add_argument("--data", required=True, metavar="DATA.yaml", help="the data YAML with the same source names")
+    ap.add_argument("--size", type=int, required=True, metavar="N", help="examples in the mixture")
+    ap.add_argument("--out", required=True, metavar="PATH", help="output file: .jsonl or .parquet")
+    ap.add_argument("--format", choices=["jsonl", "parquet"], default=None,
+                    help="output format (default: from the --out extension, else jsonl)")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the draw and the shuffle (default 1234)")
+    ap.add_argument("--with-validation", action="store_true", help="append the validation set after the mixture")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def cmd_export(args) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .data.export import export_mixture, read_weights
+    from .data.prepare import load_data_config
+
+    try:
+        export_mixture(read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
+                       with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite)
+    except (ConfigError, DataError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def run_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tools/run.py", description="Run ScaleBiO data reweighting.")
     add_run_arguments(ap)
@@ -91,6 +145,9 @@ def main(argv=None) -> int:
     add_run_arguments(sub.add_parser("run", help="run the bilevel reweighting (the embedded demo by default)"))
     sub.add_parser("plugins", help="list installed plugins with role, version and hooks")
     sub.add_parser("models", help="list the model configs")
+    add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of "
+                                                         "a run"))
+    add_export_arguments(sub.add_parser("export", help="write a reweighted mixture from a run's weights.json"))
     sub.add_parser("eval", help="token-mean loss of a checkpoint per source and on validation, as JSON",
                    add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -103,6 +160,10 @@ def main(argv=None) -> int:
         return cmd_plugins()
     if args.command == "models":
         return cmd_models()
+    if args.command == "prepare":
+        return cmd_prepare(args)
+    if args.command == "export":
+        return cmd_export(args)
     return cmd_run(args)
 
 

@@ -396,13 +396,43 @@ class ModelConfig:
                               f"(causal attention sees no token to the right)")
 
 
+FORMATS = ("text", "prompt_response", "alpaca", "sharegpt", "messages")
+# the fields each format reads; ``columns`` may map any of them to another name in the data
+FORMAT_FIELDS = {
+    "text": ("text",),
+    "prompt_response": ("prompt", "response"),
+    "alpaca": ("instruction", "input", "output"),
+    "sharegpt": ("conversations", "from", "value"),
+    "messages": ("messages", "role", "content"),
+}
+FILE_TYPES = ("jsonl", "json", "csv", "tsv", "txt", "parquet", "arrow")
+
+
 @dataclass
 class SourceConfig:
-    """One training source or the validation set: a local JSONL file."""
+    """One training source, the validation set or the test set: local files or a Hub dataset."""
 
-    path: str
-    format: Literal["text", "prompt_response"] = "text"
-    max_samples: Optional[int] = None  # keep the first N samples
+    path: Optional[str] = None  # a file, a directory of files, a glob, or a `datasets` save_to_disk folder
+    dataset: Optional[str] = None  # a Hugging Face Hub dataset name (needs the network)
+    subset: Optional[str] = None  # the Hub dataset's configuration name
+    split: str = "train"  # split of a Hub dataset or a save_to_disk folder
+    revision: Optional[str] = None  # Hub revision (a commit hash pins the data)
+    format: Literal["text", "prompt_response", "alpaca", "sharegpt", "messages"] = "text"
+    # null: from the extension
+    file_type: Optional[Literal["jsonl", "json", "csv", "tsv", "txt", "parquet", "arrow"]] = None
+    columns: dict[str, str] = field(default_factory=dict)  # format field -> the name in this data
+    max_samples: Optional[int] = None  # keep the first N valid records
+    on_error: Optional[Literal["error", "skip"]] = None  # a malformed record; null: data.on_error
+
+    def validate(self):
+        if (self.path is None) == (self.dataset is None):
+            raise ConfigError("a source needs exactly one of 'path' (local files) and 'dataset' (a Hub name)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples must be at least 1, got {self.max_samples}")
+        unknown = sorted(set(self.columns) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ConfigError(f"columns: {', '.join(unknown)} not read by format '{self.format}' (it reads "
+                              f"{', '.join(FORMAT_FIELDS[self.format])})")
 
 
 @dataclass
@@ -413,16 +443,45 @@ class TokenizerConfig:
     path: str = ""
     add_bos: bool = True
     add_eos: bool = True
+    # chat formats: null = the tokenizer's own template when it has one, else the plain template;
+    # "plain" = always the plain template; anything else is a Jinja chat template
+    chat_template: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    """``data:`` named training sources, the validation set and the tokenizer."""
+    """``data:`` named training sources, the validation and test sets, the tokenizer, batching."""
 
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     validation: Optional[SourceConfig] = None
+    test: Optional[SourceConfig] = None
     tokenizer: Optional[TokenizerConfig] = None
     seq_length: int = 1024
+    packing: bool = False  # several samples per row, with per-sample boundaries kept
+    sampling: Literal["uniform", "stratified"] = "uniform"
+    batch_counts: dict[str, int] = field(default_factory=dict)  # stratified: samples per source per batch
+    on_error: Literal["error", "skip"] = "error"  # a malformed record: stop, or skip and count it
+    overlap: Literal["error", "warn"] = "error"  # validation/test examples duplicated in a training source
+    cache: bool = True  # keep tokenized sources on disk
+    cache_dir: Optional[str] = None  # null: $SCALEBIO_CACHE or ~/.cache/scalebio
+
+    def validate(self):
+        if self.seq_length < 2:
+            raise ConfigError(f"seq_length must be at least 2, got {self.seq_length}")
+        if self.batch_counts and self.sampling != "stratified":
+            raise ConfigError("batch_counts is only used with sampling: stratified")
+        unknown = sorted(set(self.batch_counts) - set(self.sources))
+        if unknown:
+            raise ConfigError(f"batch_counts names {', '.join(unknown)}, not among the sources "
+                              f"({', '.join(sorted(self.sources))})")
+        if self.batch_counts and set(self.batch_counts) != set(self.sources):
+            missing = sorted(set(self.sources) - set(self.batch_counts))
+            raise ConfigError(f"batch_counts must give a count for every source; missing: {', '.join(missing)}")
+        if any(c < 1 for c in self.batch_counts.values()):
+            raise ConfigError(f"batch_counts must be at least 1 per source, got {self.batch_counts}")
+        if self.packing and self.sampling == "stratified":
+            raise ConfigError("packing and sampling: stratified do not combine (a packed batch has a fixed number "
+                              "of rows, not of samples per source); choose one")
 
 
 CORE_SECTIONS = ("plugins", "run", "optim", "model", "data")

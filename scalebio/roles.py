@@ -35,22 +35,41 @@ class Batch:
     Row i is one sample: ``tokens[i]`` are the inputs, ``labels[i]`` the next-token targets,
     ``loss_mask[i]`` is 1 where the target is supervised, ``source[i]`` the source id
     (index into the sorted source names) or -1 for a validation row.
+
+    Packed rows (``data.packing``) hold several samples each, and three more fields:
+    ``segment[i, t]`` is the index of the sample token t belongs to within row i (-1 on padding),
+    ``position_ids[i, t]`` restarts at 0 for each sample, and ``segment_source[i, j]`` is the
+    source id of sample j of row i (-1 where row i has no sample j, and on validation rows).
+    Attention stays inside a sample, so per-sample losses are those of unpacked rows; then
+    ``source[i]`` is the source of row i's first sample (-1 for a validation row).
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     source: torch.Tensor
+    segment: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None
+    segment_source: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def packed(self) -> bool:
+        return self.segment is not None
+
     def rows(self, index) -> "Batch":
-        return Batch(self.tokens[index], self.labels[index], self.loss_mask[index], self.source[index])
+        def part(t):
+            return None if t is None else t[index]
+
+        return Batch(self.tokens[index], self.labels[index], self.loss_mask[index], self.source[index],
+                     part(self.segment), part(self.position_ids), part(self.segment_source))
 
     def source_counts(self, num_sources: int) -> torch.Tensor:
         """Samples per source (float64, length ``num_sources``); validation rows are not counted."""
-        src = self.source[self.source >= 0]
+        src = self.source if self.segment_source is None else self.segment_source.reshape(-1)
+        src = src[src >= 0]
         return torch.bincount(src, minlength=num_sources).to(torch.float64)
 
     def supervised_tokens(self) -> int:

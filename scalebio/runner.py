@@ -160,7 +160,8 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
-    data = RunData(cfg.data, tokenizer, cfg.run.seed)
+    data = RunData(cfg.data, tokenizer, cfg.run.seed, global_batch=cfg.run.global_batch,
+                   progress=say and cfg.run.progress)
     assert data.source_names == names
     out_dir = _out_dir(cfg, overwrite) if main else None
     if say and p.demo:

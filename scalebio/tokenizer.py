@@ -5,6 +5,11 @@ directory (``tokenizer.json`` read with the ``tokenizers`` library, special toke
 Every tokenizer exposes ``encode(text) -> ids`` *without* special tokens, ``bos_id``, ``eos_id``,
 ``pad_id`` (-1 when absent), ``vocab_size`` and the ``add_bos`` / ``add_eos`` settings; the data
 path adds BOS/EOS itself, so behaviour does not depend on a tokenizer's post-processor.
+``bos_token`` / ``eos_token`` are the texts of those tokens (None when absent) and
+``chat_template`` the tokenizer's own Jinja chat template (None when it has none).
+
+:class:`ChatTemplate` renders chat templates the way ``transformers`` does and finds the exact
+character spans of the assistant turns, so the data path can supervise those and nothing else.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class SentencePieceTokenizer:
         self.add_bos = add_bos and self.bos_id >= 0
         self.add_eos = add_eos and self.eos_id >= 0
         self.chat_template = None
+        self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+        self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
         # padded positions carry no loss, so any valid id works when the model has no pad piece
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else max(self.eos_id, 0)
@@ -45,6 +52,18 @@ def _token_text(value):
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+def _own_template(folder: Path, value):
+    """A checkpoint's chat template: ``chat_template.jinja`` (newer transformers save it there) or
+    ``tokenizer_config.json``'s ``chat_template``, a string or a list of named templates."""
+    f = folder / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text(encoding="utf-8")
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default")
+    return value or None
 
 
 class HuggingFaceTokenizer:
@@ -69,7 +88,9 @@ class HuggingFaceTokenizer:
                     settings.update(json.loads(f.read_text()))
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"{f}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
-        self.chat_template = settings.get("chat_template")
+        self.chat_template = _own_template(folder, settings.get("chat_template"))
+        self.bos_token = _token_text(settings.get("bos_token")) or None
+        self.eos_token = _token_text(settings.get("eos_token")) or None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._id(settings.get("bos_token"))
         self.eos_id = self._id(settings.get("eos_token"))
@@ -111,3 +132,92 @@ def load_tokenizer(cfg: TokenizerConfig):
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, add_bos=cfg.add_bos, add_eos=cfg.add_eos)
     return HuggingFaceTokenizer(path, add_bos=cfg.add_bos, add_eos=cfg.add_eos)
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be compiled, rendered, or split into assistant spans."""
+
+
+class ChatTemplate:
+    """A Jinja chat template rendered as ``transformers`` renders it (sandboxed, ``trim_blocks``,
+    ``lstrip_blocks``, ``tojson``, ``raise_exception``), with ``bos_token`` / ``eos_token`` set."""
+
+    def __init__(self, source: str, bos_token=None, eos_token=None):
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            import datetime
+
+            return datetime.datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as exc:
+            raise ChatTemplateError(f"the chat template does not compile: {exc}") from None
+        self.source = source
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+
+    def render(self, messages: list, add_generation_prompt: bool = False) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.exceptions.TemplateError as exc:
+            raise ChatTemplateError(f"the chat template fails on this conversation: {exc}") from None
+
+    def assistant_spans(self, messages: list) -> tuple:
+        """``(text, spans)``: the rendered conversation and the ``[start, end)`` character span of
+        each assistant turn: its content and the template's end-of-turn marker, without the
+        whitespace that follows it.
+
+        A turn starts where the rendering of the conversation before it, with the generation
+        prompt, ends; it ends where the rendering through that turn ends. This is exact when the
+        template renders every prefix of a conversation as a prefix of the whole, which is checked.
+        """
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ChatTemplateError(
+                    f"the chat template does not render conversations prefix by prefix (turn {i + 1}), so the "
+                    f"assistant turns cannot be located exactly; set data.tokenizer.chat_template: plain or give a "
+                    f"template that does")
+            start, end = len(before), len(through.rstrip())
+            if m["content"].strip() not in text[start:end]:
+                raise ChatTemplateError(f"the chat template changes the content of assistant turn {i + 1}, so its "
+                                        f"tokens cannot be located; set data.tokenizer.chat_template: plain")
+            spans.append((start, end))
+        return text, spans
+
+
+def chat_template_for(tokenizer, setting=None):
+    """The ChatTemplate for chat formats, or None for the plain template (see docs/data.md).
+
+    ``setting`` is ``data.tokenizer.chat_template``: None uses the tokenizer's own template when
+    it has one, ``"plain"`` forces the plain template, anything else is a Jinja template."""
+    if setting == "plain":
+        return None
+    source = setting if setting is not None else getattr(tokenizer, "chat_template", None)
+    if not source:
+        return None
+    try:
+        return ChatTemplate(source, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None))
+    except ChatTemplateError as exc:
+        raise ConfigError(f"data.tokenizer.chat_template: {exc}") from None

@@ -24,7 +24,9 @@ def tiny_run(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _single_process_env(monkeypatch):
+def _single_process_env(monkeypatch, tmp_path_factory):
     # a test process is never a torchrun rank
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
+    # tokenized data goes to a cache shared by this session's tests, never to the user's ~/.cache
+    monkeypatch.setenv("SCALEBIO_CACHE", str(tmp_path_factory.getbasetemp() / "scalebio-cache"))

@@ -429,6 +429,14 @@ class MegatronBackend(Backend):
             mb = mine.rows(slice(i, i + mbs))
             out.append({"kind": kind, "tokens": mb.tokens.to(dev), "labels": mb.labels.to(dev),
                         "loss_mask": mb.loss_mask.to(dev), "source": mb.source.to(dev)})
+            if mb.segment is not None:  # packed rows (data.packing); the attention mask is built per forward
+                if self.use_te:
+                    # TE attention takes the causal mask from its mask type and ignores a dense one; packing
+                    # under TE needs the THD layout with packed_seq_params, which this backend does not build
+                    raise ConfigError("data.packing needs megatron.transformer_impl: local (Transformer Engine "
+                                      "attention would ignore the per-sample attention mask)")
+                out[-1].update(segment=mb.segment.to(dev), position_ids=mb.position_ids.to(dev),
+                               segment_source=mb.segment_source.to(dev))
         return out
 
     def _run_schedule(self, replica: _Replica, micro_batches: list, source_coef, val_token_coef: float,
@@ -458,6 +466,16 @@ class MegatronBackend(Backend):
             else:
                 per_sample = token_sum / tokens.clamp(min=1.0)  # 0 for a sample with no supervised token
                 src = mb["source"]
+                if "segment" in mb:  # packed rows: one loss per packed sample, slot = row * max samples + segment
+                    seg_src = mb["segment_source"]
+                    slots = seg_src.numel()
+                    slot = (torch.arange(seg_src.shape[0], device=dev)[:, None] * seg_src.shape[1]
+                            + mb["segment"].clamp(min=0)).reshape(-1)  # padding has no loss: any slot will do
+                    sample_sum = per_token.new_zeros(slots).index_add(0, slot, (per_token * mask).reshape(-1))
+                    sample_tokens = mask.new_zeros(slots).index_add(0, slot, mask.reshape(-1))
+                    present = seg_src.reshape(-1) >= 0
+                    per_sample = (sample_sum / sample_tokens.clamp(min=1.0))[present]
+                    src = seg_src.reshape(-1)[present]
                 loss = (coef[src] * per_sample).sum() if coef is not None else per_sample.sum()
                 stats[:k].index_add_(0, src, per_sample.detach().double())
                 stats[k:2 * k].index_add_(0, src, torch.ones_like(per_sample, dtype=torch.float64))
@@ -465,7 +483,12 @@ class MegatronBackend(Backend):
 
         def forward_step(data_iterator, module):
             mb = next(data_iterator)
-            out = module(mb["tokens"], positions.expand(mb["tokens"].shape[0], -1), None, labels=mb["labels"])
+            pos, attention_mask = positions.expand(mb["tokens"].shape[0], -1), None
+            if "segment" in mb:  # packed rows: attend only within a sample (True = masked), positions restart
+                seg = mb["segment"]
+                same = (seg[:, :, None] == seg[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool, device=dev).tril()
+                pos, attention_mask = mb["position_ids"], ~same.unsqueeze(1)
+            out = module(mb["tokens"], pos, attention_mask, labels=mb["labels"])
             return out, partial(loss_func, mb)
 
         modules = replica.chunks if forward_only else replica.ddp

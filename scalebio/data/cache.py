@@ -1,0 +1,406 @@
+"""Tokenized sources on disk, in megatron-core's indexed dataset format.
+
+One directory per (data, tokenizer, settings) under ``<cache>/tokenized/<key>/``:
+
+- ``ids.bin/.idx``: token ids (int32), one sequence per record, untruncated (so changing
+  ``seq_length`` does not retokenize);
+- ``flags.bin/.idx``: per-token supervision flags (uint8, 1 = supervised target);
+- ``meta.npz``: per record the number of supervised targets, the position of the first one, and
+  a 64-bit hash of the normalised record (for the validation overlap check);
+- ``info.json``: counts and skipped records; ``key.json``: what the key was made of.
+
+The key hashes the data's identity (each file's resolved path, size and modification time; a Hub
+dataset's fingerprint), the format and its settings, the tokenizer file's bytes and special
+tokens, and the chat template for chat formats: a changed input gets a new key. A build goes
+to a temporary directory renamed into place when complete, so a kill never leaves a half-written
+cache, and a file lock makes concurrent processes (data-parallel ranks) wait for one build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+
+from .formats import DataError, RecordError, encode, normalize, record_hash
+from .sources import ProblemLog, count_lines, data_identity, describe, parse_item, raw_records
+
+CACHE_VERSION = 1
+CHUNK = 256  # records per task with worker processes
+
+
+def cache_root(data_cfg) -> Path:
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    env = os.environ.get("SCALEBIO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "scalebio"
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What the cache key needs to know about a tokenizer: its file's bytes and special tokens."""
+    digest = hashlib.sha256(Path(tokenizer.path).read_bytes()).hexdigest()
+    return {"kind": type(tokenizer).__name__, "file": digest, "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "add_bos": bool(tokenizer.add_bos), "add_eos": bool(tokenizer.add_eos)}
+
+
+def source_key(cfg, on_error: str, tokenizer, chat, hf_cache) -> tuple:
+    """``(key, identity)`` of a tokenized source."""
+    ident = {"version": CACHE_VERSION, "data": data_identity(cfg, hf_cache), "format": cfg.format,
+             "columns": dict(sorted(cfg.columns.items())), "max_samples": cfg.max_samples, "on_error": on_error,
+             "tokenizer": tokenizer_identity(tokenizer)}
+    if cfg.format in ("sharegpt", "messages"):
+        ident["chat_template"] = chat.source if chat is not None else "plain"
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    return key, ident
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _indexed(*names):
+    """Names from megatron-core's indexed_dataset module, without the import-time warnings about
+    Transformer Engine and Apex (which this module does not use)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return tuple(getattr(indexed_dataset, n) for n in names)
+
+
+class TokenStore:
+    """Token ids and supervision flags of a source's records (on disk or in memory)."""
+
+    def __init__(self, lengths, n_supervised, first_target, hashes, info, ids=None, flags=None, directory=None):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.n_supervised = np.asarray(n_supervised, dtype=np.int64)
+        self.first_target = np.asarray(first_target, dtype=np.int64)
+        self.hashes = np.asarray(hashes, dtype=np.uint64)
+        self.info = info
+        self._ids, self._flags = ids, flags  # IndexedDatasets, or lists of arrays
+        self.directory = directory  # the cache entry, or None in memory
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def supervised_within(self, limit: int) -> np.ndarray:
+        """Supervised targets of each record within its first ``limit`` tokens.
+
+        Only truncated records need their flags read, one by one; on disk the result is kept in
+        the cache entry (``supervised-<limit>.npy``), so a restart does not read them again."""
+        memo = None if self.directory is None else self.directory / f"supervised-{limit}.npy"
+        if memo is not None and memo.is_file():
+            try:
+                return np.load(memo)
+            except (OSError, ValueError):
+                pass
+        out = self.n_supervised.copy()
+        for i in np.flatnonzero(self.lengths > limit):
+            out[i] = int(np.count_nonzero(self.sample(i, limit)[1][1:]))
+        if memo is not None:
+            tmp = memo.with_name(f".{memo.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, out)
+                os.replace(tmp, memo)
+            except OSError:  # a read-only shared cache: just recompute next time
+                tmp.unlink(missing_ok=True)
+        return out
+
+    def sample(self, i: int, limit: int) -> tuple:
+        """``(ids, flags)`` of record ``i``, its first ``limit`` tokens."""
+        n = int(min(self.lengths[i], limit))
+        if isinstance(self._ids, list):
+            return self._ids[i][:n], self._flags[i][:n]
+        return self._ids.get(int(i), 0, n), self._flags.get(int(i), 0, n)
+
+
+class _Writer:
+    def __init__(self, directory):
+        self.directory = directory
+        self.lengths, self.n_supervised, self.first_target, self.hashes = [], [], [], []
+        if directory is None:
+            self.ids, self.flags = [], []
+        else:
+            IndexedDatasetBuilder, get_bin_path = _indexed("IndexedDatasetBuilder", "get_bin_path")
+            self.ids = IndexedDatasetBuilder(get_bin_path(str(directory / "ids")), dtype=np.int32)
+            self.flags = IndexedDatasetBuilder(get_bin_path(str(directory / "flags")), dtype=np.uint8)
+
+    @property
+    def records(self) -> int:
+        return sum(len(x) for x in self.lengths)
+
+    def add_chunk(self, chunk: dict, keep: int) -> None:
+        """The first ``keep`` encoded records of a processed chunk (see :func:`process_chunk`)."""
+        if keep == 0:
+            return
+        lengths = chunk["lengths"][:keep]
+        tokens = int(lengths.sum())
+        ids, flags = chunk["ids"][:tokens], chunk["flags"][:tokens]
+        self.lengths.append(lengths)
+        for name in ("n_supervised", "first_target", "hashes"):
+            getattr(self, name).append(chunk[name][:keep])
+        if self.directory is None:
+            cuts = np.cumsum(lengths)[:-1]
+            self.ids += np.split(ids, cuts)
+            self.flags += np.split(flags, cuts)
+        else:  # one write per chunk; every record is its own sequence in the index
+            self.ids.add_document(ids, lengths.tolist())
+            self.flags.add_document(flags, lengths.tolist())
+
+    def finish(self, info: dict) -> TokenStore:
+        def cat(parts, dtype):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        meta = dict(n_supervised=cat(self.n_supervised, np.int64), first_target=cat(self.first_target, np.int64),
+                    hashes=cat(self.hashes, np.uint64))
+        if self.directory is None:
+            return TokenStore(cat(self.lengths, np.int64), info=info, ids=self.ids, flags=self.flags, **meta)
+        (get_idx_path,) = _indexed("get_idx_path")
+        self.ids.finalize(get_idx_path(str(self.directory / "ids")))
+        self.flags.finalize(get_idx_path(str(self.directory / "flags")))
+        np.savez(self.directory / "meta.npz", **meta)
+        # info.json last: its presence marks a complete directory
+        (self.directory / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        return None
+
+
+def open_store(directory: Path) -> TokenStore:
+    (IndexedDataset,) = _indexed("IndexedDataset")
+    info = json.loads((directory / "info.json").read_text())
+    if info.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache version {info.get('version')}")
+    meta = np.load(directory / "meta.npz")
+    ids = IndexedDataset(str(directory / "ids"))
+    flags = IndexedDataset(str(directory / "flags"))
+    if len(ids) != len(flags) or len(ids) != len(meta["hashes"]):
+        raise ValueError("inconsistent cache files")
+    return TokenStore(ids.sequence_lengths, meta["n_supervised"], meta["first_target"], meta["hashes"], info,
+                      ids=ids, flags=flags, directory=directory)
+
+
+# --------------------------------------------------------------------------- building
+
+_worker = {}
+
+
+def _worker_init(tokenizer_cfg) -> None:
+    from ..tokenizer import chat_template_for, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_cfg)
+    _worker["tok"], _worker["chat"] = tok, chat_template_for(tok, tokenizer_cfg.chat_template)
+
+
+def process_chunk(items: list, fmt: str, columns: dict, tokenizer, chat) -> dict:
+    """Parse, check, normalise, hash and encode raw items (``(record, problem)`` pairs from a
+    reader), in a worker or in-process. Returns the problems by position, and the encoded records
+    (those without a problem, in order) as concatenated arrays."""
+    from ..tokenizer import ChatTemplateError
+
+    problems, ids, flags, lengths, n_sup, first, hashes = {}, [], [], [], [], [], []
+    for j, (record, problem) in enumerate(items):
+        record, problem = parse_item(record, problem)
+        if problem is None:
+            try:
+                norm = normalize(record, fmt, columns)
+                a, f = encode(norm, tokenizer, chat)
+            except (RecordError, ChatTemplateError) as exc:  # a template may reject one conversation
+                problem = str(exc)
+        if problem is not None:
+            problems[j] = problem
+            continue
+        targets = np.flatnonzero(f[1:])
+        ids.append(a)
+        flags.append(f)
+        lengths.append(len(a))
+        n_sup.append(len(targets))
+        first.append(int(targets[0]) + 1 if len(targets) else -1)
+        hashes.append(record_hash(norm))
+    return {"problems": problems,
+            "ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
+            "flags": np.concatenate(flags) if flags else np.zeros(0, np.uint8),
+            "lengths": np.asarray(lengths, np.int64), "n_supervised": np.asarray(n_sup, np.int64),
+            "first_target": np.asarray(first, np.int64), "hashes": np.asarray(hashes, np.uint64)}
+
+
+def _worker_chunk(items: list, fmt: str, columns: dict) -> dict:
+    return process_chunk(items, fmt, columns, _worker["tok"], _worker["chat"])
+
+
+def _progress(label: str, total, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"tokenizing {label}", unit=" records", disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def worker_pool(workers: int, tokenizer_cfg):
+    """Tokenizer processes for :func:`load_or_build` (``pool=``); ``shutdown()`` it when done.
+
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a worker that dies (or fails to start)
+    breaks the executor with an error, where a Pool would replace it forever and hang."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the parent may hold threads (torch, tokenizers) that fork would copy in a bad state
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(tokenizer_cfg,))
+    pool.workers = workers
+    return pool
+
+
+def _chunks(cfg, hf_cache):
+    """``(wheres, items)`` of CHUNK raw items at a time; JSON lines stay unparsed."""
+    wheres, items = [], []
+    for where, record, problem in raw_records(cfg, hf_cache):
+        wheres.append(where)
+        items.append((record, problem))
+        if len(items) == CHUNK:
+            yield wheres, items
+            wheres, items = [], []
+    if items:
+        yield wheres, items
+
+
+def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_cache=None, pool=None,
+                progress: bool = False):
+    """Tokenize a source into ``directory`` (None: in memory, returned), in this process or with
+    a :func:`worker_pool`. The main process only reads lines and writes results; parsing,
+    checking and tokenizing happen in the workers, in order-preserving chunks. Raises DataError
+    for an empty source or a malformed record (unless skipping)."""
+    start = time.perf_counter()
+    problems = ProblemLog(label, on_error)
+    writer = _Writer(directory)
+    limit = cfg.max_samples
+    bar = _progress(label, count_lines(cfg) if progress else None, progress)
+    count = 0
+
+    def consume(wheres, chunk) -> bool:
+        """Apply one processed chunk in order; True once max_samples is reached."""
+        nonlocal count
+        keep, done = 0, False
+        for j, where in enumerate(wheres):
+            if limit is not None and count >= limit:
+                done = True
+                break
+            if j in chunk["problems"]:
+                problems(where, chunk["problems"][j])
+                continue
+            count += 1
+            keep += 1
+        writer.add_chunk(chunk, keep)
+        bar.update(len(wheres))
+        return done or (limit is not None and count >= limit)
+
+    try:
+        if pool is None:
+            for wheres, items in _chunks(cfg, hf_cache):
+                if consume(wheres, process_chunk(items, cfg.format, cfg.columns, tokenizer, chat)):
+                    break
+        else:
+            pending = deque()
+            done = False
+            for wheres, items in _chunks(cfg, hf_cache):
+                pending.append((wheres, pool.submit(_worker_chunk, items, cfg.format, cfg.columns)))
+                while len(pending) > 4 * pool.workers or (pending and pending[0][1].done()):
+                    wheres0, result = pending.popleft()  # in order: errors and max_samples apply as in one process
+                    if consume(wheres0, result.result()):
+                        done = True
+                        break
+                if done:
+                    break
+            while pending and not done:
+                wheres0, result = pending.popleft()
+                done = consume(wheres0, result.result())
+    except BrokenProcessPool as exc:
+        raise DataError(f"{label}: a tokenizer worker process stopped ({exc}); run with --workers 1 to see the "
+                        f"error in this process") from None
+    finally:
+        bar.close()
+    records = writer.records
+    if records == 0:
+        skipped = f"; {problems.skipped} malformed records skipped, e.g. {problems.skip_examples[0]}" \
+            if problems.skipped else ""
+        raise DataError(f"{label} ({describe(cfg)}) has no samples{skipped}")
+    info = {"version": CACHE_VERSION, "label": label, "source": describe(cfg), "records": records,
+            "tokens": int(sum(int(x.sum()) for x in writer.lengths)), "skipped": problems.skipped,
+            "skip_examples": problems.skip_examples, "seconds": round(time.perf_counter() - start, 3)}
+    return writer.finish(info), info
+
+
+class _Lock:
+    """An exclusive lock on a file (fcntl): one process builds a cache entry, the others wait."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.fh = open(self.path, "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = False, pool=None,
+                  force: bool = False) -> tuple:
+    """``(store, status)``: the cached tokenized source, built first if needed. ``status`` has
+    ``cached`` (bool), ``key``, ``seconds`` (of this call) and the build's info."""
+    if data_cfg.cache:
+        _indexed("IndexedDataset")  # import megatron-core once, outside the reported time
+    start = time.perf_counter()
+    on_error = cfg.on_error or data_cfg.on_error
+    root = cache_root(data_cfg)
+    hf_cache = root / "hf"
+    if not data_cfg.cache:
+        store, info = build_store(label, cfg, on_error, tokenizer, chat, None, hf_cache, pool, progress)
+        return store, {"cached": False, "key": None, "seconds": time.perf_counter() - start, **info}
+    key, ident = source_key(cfg, on_error, tokenizer, chat, hf_cache)
+    tokenized = root / "tokenized"
+    try:
+        tokenized.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the cache directory {tokenized} ({exc.strerror}); set data.cache_dir or "
+                        f"$SCALEBIO_CACHE to a writable place, or data.cache: false") from None
+    final = tokenized / key
+    with _Lock(tokenized / f"{key}.lock"):
+        if final.is_dir() and force:
+            shutil.rmtree(final)
+        if (final / "info.json").is_file():
+            try:
+                store = open_store(final)
+                return store, {"cached": True, "key": key, "seconds": time.perf_counter() - start, **store.info}
+            except Exception:  # an unreadable entry (older version, damaged disk): rebuild it
+                shutil.rmtree(final, ignore_errors=True)
+        for stale in tokenized.glob(f".{key}.tmp-*"):  # left by a killed build (builds hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tokenized / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress)
+            (tmp / "key.json").write_text(json.dumps(ident, indent=1) + "\n")
+            for f in tmp.iterdir():  # on disk before the rename, so that even a power cut cannot expose a torn entry
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    store = open_store(final)
+    return store, {"cached": False, "key": key, "seconds": time.perf_counter() - start, **store.info}

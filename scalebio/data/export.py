@@ -1,0 +1,173 @@
+"""``scalebio export``: a reweighted mixture from a run's ``weights.json``.
+
+Source k gets round(N * pi_k) examples, adjusted by largest remainders so that the total is
+exactly N. Examples are drawn without replacement while a source lasts: a source asked for more
+than it has gives every example once per full pass and a random subset for the rest. The mixture
+is shuffled with a fixed seed, the validation set optionally appended, and the records written as
+they are in the sources (same keys, same format), as JSONL or Parquet.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .formats import DataError
+from .cache import cache_root
+from .prepare import data_sets
+from .sources import RecordReader
+
+
+def read_weights(path) -> dict:
+    path = Path(path)
+    try:
+        weights = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"cannot read weights file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in weights.values()):
+        raise DataError(f"{path}: expected an object of source name -> weight, as a run's weights.json")
+    bad = {k: v for k, v in weights.items() if not math.isfinite(v) or v < 0}
+    if bad:
+        raise DataError(f"{path}: weights must be finite and non-negative, got {bad}")
+    if sum(weights.values()) <= 0:
+        raise DataError(f"{path}: the weights add up to 0")
+    return weights
+
+
+def mixture_counts(weights: dict, size: int) -> dict:
+    """round(size * pi_k) per source (pi normalised), then +-1 by largest remainder until the
+    total is ``size``. Ties go to the source first in sorted order."""
+    names = sorted(weights)
+    total = sum(weights[n] for n in names)
+    exact = np.array([size * weights[n] / total for n in names])
+    counts = np.floor(exact + 0.5).astype(np.int64)
+    remainder = exact - counts
+    while counts.sum() < size:
+        i = max(range(len(names)), key=lambda j: (remainder[j], -j))
+        counts[i] += 1
+        remainder[i] -= 1
+    while counts.sum() > size:
+        i = min((j for j in range(len(names)) if counts[j] > 0), key=lambda j: (remainder[j], j))
+        counts[i] -= 1
+        remainder[i] += 1
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def _draw(available: int, n: int, rng) -> np.ndarray:
+    """``n`` indices into ``available`` records: full passes (each record once), then a random part."""
+    passes, rest = divmod(n, available)
+    parts = [rng.permutation(available) for _ in range(passes)] + [rng.permutation(available)[:rest]]
+    return np.concatenate(parts)
+
+
+def _records(label, scfg, cfg, wanted: Counter | None = None):
+    """All valid records of a source in order (``wanted`` = None), or those whose position is in
+    ``wanted``, as a dict position -> record."""
+    reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
+    if wanted is None:
+        return [raw for _, raw, _ in reader], reader
+    out = {}
+    for i, (_, raw, _) in enumerate(reader):
+        if i in wanted:
+            out[i] = raw
+    return out, reader
+
+
+def _jsonable(value):
+    if isinstance(value, (bytes, bytearray)):
+        raise DataError("a record holds binary data, which JSONL cannot carry; write Parquet instead")
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_records(records: list, out: Path, fmt: str) -> None:
+    """JSONL or Parquet, written to a temporary file and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for rec in records:
+                    fh.write(json.dumps(rec, ensure_ascii=False, default=_jsonable) + "\n")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            # every key of every record (from_pylist would keep only the first record's keys)
+            keys = list(dict.fromkeys(k for rec in records for k in rec))
+            try:
+                table = pa.Table.from_pydict({k: [rec.get(k) for rec in records] for k in keys})
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise DataError(f"the sources' records do not fit one Parquet table ({exc}); write JSONL instead "
+                                f"(--out with a .jsonl name)") from None
+            pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_validation: bool = False,
+                   fmt: str | None = None, overwrite: bool = False, say=print) -> dict:
+    """Write the mixture; returns the number of examples per source (and ``validation``)."""
+    out = Path(out)
+    if fmt is None:
+        fmt = "parquet" if out.suffix.lower() == ".parquet" else "jsonl"
+    if size < 1:
+        raise DataError(f"--size must be at least 1, got {size}")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists; give another --out or pass --overwrite")
+    names = sorted(cfg.sources)
+    missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+    if missing or extra:
+        problems = ([f"no weight for {', '.join(missing)}"] if missing else []) + \
+            ([f"weights for unknown sources {', '.join(extra)}"] if extra else [])
+        raise DataError(f"the weights do not match the data YAML's sources: {'; '.join(problems)} "
+                        f"(sources: {', '.join(names)}; weights: {', '.join(sorted(weights))})")
+    counts = mixture_counts(weights, size)
+    total_pi = sum(weights.values())
+    picked, rows = [], []
+    for k, (label, name, scfg) in enumerate(s for s in data_sets(cfg) if s[1] in cfg.sources):
+        n = counts[name]
+        if n == 0:
+            rows.append((name, weights[name] / total_pi, 0, None))
+            continue
+        # pass 1 counts the valid records, pass 2 keeps only the drawn ones: a large source never sits in memory
+        reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
+        available = sum(1 for _ in reader)
+        if available == 0:
+            raise DataError(f"{label} ({scfg.path or scfg.dataset}) has no valid records to draw from")
+        idx = _draw(available, n, np.random.default_rng([seed, k]))
+        wanted = Counter(idx.tolist())
+        by_pos, _ = _records(label, scfg, cfg, wanted)
+        picked += [by_pos[int(i)] for i in idx]
+        rows.append((name, weights[name] / total_pi, n, available))
+    order = np.random.default_rng([seed, len(names)]).permutation(len(picked))
+    records = [picked[i] for i in order]
+    result = dict(counts)
+    if with_validation:
+        if cfg.validation is None:
+            raise DataError("--with-validation: the data YAML has no validation set")
+        val, _ = _records("validation set", cfg.validation, cfg)
+        records += val
+        result["validation"] = len(val)
+    write_records(records, out, fmt)
+    say(f"{'source':<20} {'pi':>8} {'examples':>9} {'available':>10}  note")
+    for name, pi, n, available in rows:
+        note = "" if available is None or n <= available else f"{n / available:.2f} passes over the source"
+        say(f"{name:<20} {pi:>8.4f} {n:>9} {available if available is not None else '-':>10}  {note}")
+    say(f"{'total':<20} {'':>8} {size:>9}")
+    if with_validation:
+        say(f"+ validation set appended: {result['validation']} examples")
+    say(f"wrote {len(records)} records to {out} ({fmt}, shuffled with seed {seed})")
+    return result

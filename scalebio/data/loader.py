@@ -1,0 +1,361 @@
+"""The tokenized sources of a run and their seeded batch streams.
+
+Source ids are the positions of the source names in sorted order, so they never depend on the
+file system or the order of the YAML. Sampling (SPEC §2):
+
+- ``uniform`` (default): batches drawn from the pooled training samples, a seeded permutation
+  per epoch, so a source's share of a batch follows its size;
+- ``stratified``: a fixed number of samples per source per batch (``data.batch_counts``, or the
+  global batch split evenly), each source with its own seeded epochs; the rows are then shuffled
+  with a seed that depends on the step.
+
+Either way pi enters only through the loss coefficients. Every rank draws the same global batch
+from the same seed and takes its own part in the backend; the sampler state (epoch and position
+of each stream) is all a resumed run needs to see exactly the batches it would have seen.
+
+With ``data.packing`` a row holds several samples: samples are taken in sampler order and put
+in the first row with room (first fit); a batch is complete when the next sample fits nowhere,
+and that sample opens the next batch. Attention stays inside each sample (see ``Batch``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..roles import Batch
+from .cache import load_or_build
+from .formats import DataError, encode, normalize
+from .sources import describe
+
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_ROWS, _STREAM_SOURCE = 1, 2, 3, 100
+
+
+@dataclass
+class Sample:
+    ids: np.ndarray  # int64, at most seq_length + 1 tokens
+    mask: np.ndarray  # bool, len(ids) - 1: is the target ids[j + 1] supervised
+
+
+def encode_record(rec: dict, fmt: str, tokenizer, seq_length: int, chat=None, columns=None):
+    """Token ids and target mask of one record; returns (Sample, was_truncated)."""
+    ids, flags = encode(normalize(rec, fmt, columns), tokenizer, chat)
+    truncated = len(ids) > seq_length + 1
+    ids, flags = ids[: seq_length + 1], flags[: seq_length + 1]
+    return Sample(ids.astype(np.int64), flags[1:].astype(bool)), truncated
+
+
+class _Samples:
+    """``TokenizedSet.samples``: a read-only sequence of Samples, read from the store on access."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __len__(self) -> int:
+        return len(self.owner.index)
+
+    def __getitem__(self, k) -> Sample:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return self.owner.sample(int(k))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class TokenizedSet:
+    """One tokenized source (or the validation / test set), truncated to ``seq_length + 1`` tokens.
+
+    Records whose supervised targets all fall beyond the truncation (or that have none) are
+    dropped and counted: their per-sample loss would be 0 by definition and would only dilute
+    their source's mean loss."""
+
+    def __init__(self, name: str, path: str, store, seq_length: int, status: dict | None = None):
+        self.name, self.path, self.store, self.seq_length = name, path, store, seq_length
+        self.status = status or {}
+        limit = seq_length + 1
+        lengths, first = store.lengths, store.first_target
+        keep = (first >= 1) & (first <= seq_length)
+        self.index = np.flatnonzero(keep)
+        self.truncated = int((lengths > limit).sum())
+        self.dropped = len(store) - len(self.index)
+        self.supervised_tokens = int(store.supervised_within(limit)[self.index].sum())
+        # positions a sample takes in a row: its tokens but the last (which is only a target)
+        self.positions = np.minimum(lengths[self.index], limit) - 1
+        self.samples = _Samples(self)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.store.info.get("skipped", 0))
+
+    def sample(self, k: int) -> Sample:
+        ids, flags = self.store.sample(self.index[k], self.seq_length + 1)
+        return Sample(np.asarray(ids, dtype=np.int64), np.asarray(flags[1:], dtype=bool))
+
+    def describe(self) -> str:
+        line = (f"{self.name}: {len(self.index)} samples, {self.supervised_tokens} supervised tokens, "
+                f"{self.truncated} truncated to {self.seq_length + 1} tokens")
+        if self.dropped:
+            line += f", {self.dropped} dropped (no supervised token within seq_length)"
+        if self.skipped:
+            examples = self.store.info.get("skip_examples") or []
+            line += f", {self.skipped} malformed records skipped" + (f" (first: {examples[0]})" if examples else "")
+        if self.status.get("cached"):
+            how = "from cache"
+        elif self.status.get("key"):
+            how = f"tokenized in {self.status.get('seconds', 0):.1f}s, cached"
+        else:
+            how = f"tokenized in {self.status.get('seconds', 0):.1f}s"
+        return line + f" ({self.path}; {how})"
+
+
+class EpochSampler:
+    """Indices of ``size`` items without replacement within an epoch, reshuffled each epoch.
+
+    The permutation of epoch e comes from a generator seeded with (seed, stream, e), so draws are
+    identical on every rank and reproducible from (epoch, position) alone.
+    """
+
+    def __init__(self, size: int, seed: int, stream: int):
+        self.size, self.seed, self.stream = size, seed, stream
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+
+    def peek(self) -> int:
+        """The next index, without taking it."""
+        return int(self._perm[self.pos])
+
+    def take(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0:
+            chunk = self._perm[self.pos: self.pos + n]
+            out.append(chunk)
+            n -= len(chunk)
+            self.pos += len(chunk)
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation(self.epoch)
+
+
+def collate(samples: list, sources: list, seq_length: int, pad_id: int) -> Batch:
+    """Right-padded [B, seq_length] batch; padding carries no loss and, attention being causal,
+    does not change the outputs at real positions."""
+    b = len(samples)
+    tokens = torch.full((b, seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, seq_length), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        n = len(s.ids) - 1
+        tokens[i, :n] = torch.from_numpy(s.ids[:-1])
+        labels[i, :n] = torch.from_numpy(s.ids[1:])
+        loss_mask[i, :n] = torch.from_numpy(s.mask.astype(np.float32))
+    return Batch(tokens, labels, loss_mask, torch.as_tensor(sources, dtype=torch.long))
+
+
+def collate_packed(rows: list, seq_length: int, pad_id: int) -> Batch:
+    """Rows of several samples each: ``rows[i]`` is a list of ``(Sample, source id)`` (source -1
+    for validation). Fills the packing fields of :class:`~scalebio.roles.Batch`."""
+    b = len(rows)
+    m = max(1, max(len(r) for r in rows))
+    tokens = torch.full((b, seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, seq_length), dtype=torch.float32)
+    segment = torch.full((b, seq_length), -1, dtype=torch.long)
+    position_ids = torch.zeros((b, seq_length), dtype=torch.long)
+    segment_source = torch.full((b, m), -1, dtype=torch.long)
+    source = torch.full((b,), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        pos = 0
+        for j, (s, src) in enumerate(row):
+            n = len(s.ids) - 1
+            end = pos + n
+            if end > seq_length:
+                raise ValueError(f"packed row {i} overflows seq_length={seq_length}")
+            tokens[i, pos:end] = torch.from_numpy(s.ids[:-1])
+            labels[i, pos:end] = torch.from_numpy(s.ids[1:])
+            loss_mask[i, pos:end] = torch.from_numpy(s.mask.astype(np.float32))
+            segment[i, pos:end] = j
+            position_ids[i, pos:end] = torch.arange(n)
+            segment_source[i, j] = src
+            pos = end
+        if row:
+            source[i] = row[0][1]
+    return Batch(tokens, labels, loss_mask, source, segment, position_ids, segment_source)
+
+
+def pack_rows(sampler: EpochSampler, positions: np.ndarray, rows: int, seq_length: int) -> list:
+    """First-fit packing of the sampler's next items into ``rows`` rows of ``seq_length``
+    positions; stops (without taking it) at the first item that fits in no row."""
+    free = np.full(rows, seq_length, dtype=np.int64)
+    out = [[] for _ in range(rows)]
+    while True:
+        i = sampler.peek()
+        room = np.flatnonzero(free >= positions[i])
+        if len(room) == 0:
+            return out
+        r = int(room[0])
+        sampler.take(1)
+        out[r].append(i)
+        free[r] -= positions[i]
+
+
+class RunData:
+    """The tokenized sources, validation and test sets of a run, and their seeded batch streams.
+
+    ``global_batch``, when given, is checked against stratified batch counts up front."""
+
+    def __init__(self, cfg, tokenizer, seed: int, global_batch: int | None = None, progress: bool = False):
+        from ..tokenizer import chat_template_for
+
+        if not cfg.sources:
+            raise DataError("data.sources is empty: name at least one training source")
+        if cfg.validation is None:
+            raise DataError("data.validation is not set: the bilevel objective needs a validation set")
+        self.cfg, self.seed = cfg, seed
+        self.seq_length = cfg.seq_length
+        self.pad_id = tokenizer.pad_id
+        self.packing, self.sampling = cfg.packing, cfg.sampling
+        self.chat = chat_template_for(tokenizer, cfg.tokenizer.chat_template if cfg.tokenizer else None)
+        self.source_names = sorted(cfg.sources)
+        load = self._load_set
+        self.train = [load(f"source '{n}'", n, cfg.sources[n], tokenizer, progress) for n in self.source_names]
+        self.val = load("validation set", "validation", cfg.validation, tokenizer, progress)
+        self.test = load("test set", "test", cfg.test, tokenizer, progress) if cfg.test is not None else None
+        self.warnings: list = []
+        self._check_overlap()
+        sizes = [len(t.samples) for t in self.train]
+        self._offsets = np.cumsum([0] + sizes)
+        self._train_positions = np.concatenate([t.positions for t in self.train])
+        self._train_sampler = EpochSampler(int(self._offsets[-1]), seed, _STREAM_TRAIN)
+        self._val_sampler = EpochSampler(len(self.val.samples), seed, _STREAM_VAL)
+        self._source_samplers = [EpochSampler(n, seed, _STREAM_SOURCE + k) for k, n in enumerate(sizes)]
+        self._step = 0
+        if global_batch is not None and self.sampling == "stratified":
+            self.batch_counts(global_batch)
+
+    def _load_set(self, label, name, scfg, tokenizer, progress) -> TokenizedSet:
+        store, status = load_or_build(label, scfg, self.cfg, tokenizer, self.chat, progress=progress)
+        out = TokenizedSet(name, describe(scfg), store, self.seq_length, status)
+        if len(out.index) == 0:
+            raise DataError(f"{label} ({describe(scfg)}) has no supervised tokens after tokenization "
+                            f"(seq_length={self.seq_length}: are all responses truncated away?)")
+        return out
+
+    def _check_overlap(self) -> None:
+        """Validation and test examples that are exact duplicates of training examples (after
+        normalisation, so the same conversation in ShareGPT and messages form counts)."""
+        held = [(self.val, "validation set", self.train)]
+        if self.test is not None:
+            held.append((self.test, "test set", self.train + [self.val]))
+        for data, what, others in held:
+            hits = []
+            for other in others:
+                n = int(np.isin(data.store.hashes, other.store.hashes).sum())
+                if n:
+                    where = "the validation set" if other is self.val else f"source '{other.name}'"
+                    hits.append(f"{n} in {where}")
+            if hits:
+                msg = (f"the {what} overlaps other data: of its {len(data.store)} examples, these are exact duplicates "
+                       f"of examples elsewhere: {', '.join(hits)}")
+                if self.cfg.overlap == "error":
+                    raise DataError(msg + ". Remove them from one side, or set data.overlap: warn to go on")
+                self.warnings.append("warning: " + msg)
+
+    # ------------------------------------------------------------------ batches
+
+    def _train_item(self, flat: int) -> tuple:
+        src = int(np.searchsorted(self._offsets, flat, side="right") - 1)
+        return self.train[src].sample(int(flat - self._offsets[src])), src
+
+    def batch_counts(self, n: int) -> list:
+        """Stratified samples per source (sorted source order) for a global batch of ``n``."""
+        k = len(self.source_names)
+        if self.cfg.batch_counts:
+            counts = [self.cfg.batch_counts[name] for name in self.source_names]
+            if sum(counts) != n:
+                raise DataError(f"data.batch_counts add up to {sum(counts)} samples, but run.global_batch is {n}")
+            return counts
+        if n % k:
+            raise DataError(f"stratified sampling splits run.global_batch={n} evenly over {k} sources, which does not "
+                            f"divide; give data.batch_counts (samples per source, adding up to {n})")
+        return [n // k] * k
+
+    def next_train(self, n: int) -> Batch:
+        if self.sampling == "stratified":
+            items = []
+            for k, count in enumerate(self.batch_counts(n)):
+                items += [(k, int(i)) for i in self._source_samplers[k].take(count)]
+            order = np.random.default_rng([self.seed, _STREAM_ROWS, self._step]).permutation(n)
+            self._step += 1
+            items = [items[o] for o in order]
+            samples = [self.train[k].sample(i) for k, i in items]
+            return collate(samples, [k for k, _ in items], self.seq_length, self.pad_id)
+        if self.packing:
+            rows = pack_rows(self._train_sampler, self._train_positions, n, self.seq_length)
+            return collate_packed([[self._train_item(i) for i in row] for row in rows], self.seq_length, self.pad_id)
+        flat = self._train_sampler.take(n)
+        items = [self._train_item(int(i)) for i in flat]
+        return collate([s for s, _ in items], [k for _, k in items], self.seq_length, self.pad_id)
+
+    def next_val(self, n: int) -> Batch:
+        if self.packing:
+            rows = pack_rows(self._val_sampler, self.val.positions, n, self.seq_length)
+            return collate_packed([[(self.val.sample(i), -1) for i in row] for row in rows], self.seq_length,
+                                  self.pad_id)
+        idx = self._val_sampler.take(n)
+        return collate([self.val.sample(int(i)) for i in idx], [-1] * n, self.seq_length, self.pad_id)
+
+    def test_batches(self, n: int):
+        """The whole test set in order, ``n`` rows per batch (the last one padded with empty rows,
+        which carry no loss), as validation-kind batches (source -1)."""
+        if self.test is None:
+            return
+        total = len(self.test.samples)
+        for start in range(0, total, n):
+            samples = [self.test.sample(i) for i in range(start, min(start + n, total))]
+            empty = Sample(np.array([self.pad_id], dtype=np.int64), np.zeros(0, dtype=bool))
+            samples += [empty] * (n - len(samples))
+            yield collate(samples, [-1] * n, self.seq_length, self.pad_id)
+
+    # ------------------------------------------------------------------ reporting and state
+
+    def summary(self) -> list:
+        rows = [t.describe() for t in self.train + [self.val] + ([self.test] if self.test is not None else [])]
+        how = self.sampling
+        if self.cfg.batch_counts:
+            how += " (" + ", ".join(f"{n} {self.cfg.batch_counts[n]}" for n in self.source_names) + " per batch)"
+        rows.append(f"sampling: {how}" + (", packed rows" if self.packing else ""))
+        return rows + self.warnings
+
+    def state_dict(self) -> dict:
+        return {"sampling": self.sampling, "packing": self.packing, "sizes": [len(t.samples) for t in self.train],
+                "val_size": len(self.val.samples), "step": self._step,
+                "train": self._train_sampler.state_dict(), "val": self._val_sampler.state_dict(),
+                "sources": [s.state_dict() for s in self._source_samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        sizes = [len(t.samples) for t in self.train]
+        saved = state.get("sizes", sizes)
+        if state.get("sampling", self.sampling) != self.sampling or state.get("packing", self.packing) != self.packing:
+            raise DataError(f"the saved data state is for sampling={state.get('sampling')}, packing="
+                            f"{state.get('packing')}; this run has sampling={self.sampling}, packing={self.packing}")
+        if saved != sizes or state.get("val_size", len(self.val.samples)) != len(self.val.samples):
+            raise DataError(f"the data changed since the state was saved (samples per source {saved} then, {sizes} "
+                            f"now): a resumed run could not see the batches it would have seen")
+        self._train_sampler.load_state_dict(state["train"])
+        self._val_sampler.load_state_dict(state["val"])
+        for s, st in zip(self._source_samplers, state.get("sources", [])):
+            s.load_state_dict(st)
+        self._step = int(state.get("step", 0))
