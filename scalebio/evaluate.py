@@ -16,16 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 
-def evaluate_sets(ctx, data, model: str = "w", progress: bool = False) -> dict:
-    """{set name: {"loss", "perplexity", "tokens", "samples"}} for every source and "validation"."""
-    from .data import Sample, collate
-
-    cfg = ctx.config
-    n = cfg.run.global_batch  # the layout check guarantees it splits into micro-batches on every rank
-    sets = [(t.name, t) for t in data.train] + [("validation", data.val)]
+def evaluate_sets(ctx, data, model: str = "w", progress: bool = False, sets=None) -> dict:
+    """{set name: {"loss", "perplexity", "tokens", "samples"}}, by default for every source and
+    "validation" (and "test" when the data has one)."""
+    if sets is None:
+        sets = [(t.name, t) for t in data.train] + [("validation", data.val)]
+        if data.test is not None:
+            sets.append(("test", data.test))
+    n = ctx.config.run.global_batch  # the layout check guarantees it splits into micro-batches on every rank
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -34,17 +34,12 @@ def evaluate_sets(ctx, data, model: str = "w", progress: bool = False) -> dict:
     out = {}
     for name, tset in sets:
         loss_sum, tokens = 0.0, 0.0
-        for i in range(0, len(tset.samples), n):
-            chunk = list(tset.samples[i:i + n])
-            real = len(chunk)
-            # fill the last batch with copies that supervise nothing: they add no loss and no tokens
-            chunk += [Sample(ids=chunk[0].ids, mask=np.zeros_like(chunk[0].mask))] * (n - real)
-            batch = collate(chunk, [-1] * n, data.seq_length, data.pad_id)  # -1: token sums, not sample means
+        for batch in data.ordered_batches(tset, n):
             result = ctx.backend.evaluate(model, batch)
             loss_sum += result.val_loss_sum
             tokens += result.val_tokens
             if bar is not None:
-                bar.update(real)
+                bar.update(int((batch.loss_mask.sum(1) > 0).sum()))
         loss = loss_sum / tokens if tokens else None
         out[name] = {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
                      "tokens": int(tokens), "samples": len(tset.samples)}
@@ -65,7 +60,10 @@ def evaluate(req) -> dict:
             sets = evaluate_sets(ctx, data, progress=cfg.run.progress)
             layout = ctx.backend.layout if hasattr(ctx.backend, "layout") else None
     result = {"checkpoint": cfg.run.load, "model": cfg.model.name,
-              "sources": {k: v for k, v in sets.items() if k != "validation"}, "validation": sets["validation"]}
+              "sources": {k: v for k, v in sets.items() if k not in ("validation", "test")},
+              "validation": sets["validation"]}
+    if "test" in sets:
+        result["test"] = sets["test"]
     if layout is not None:
         result["layout"] = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
     return result

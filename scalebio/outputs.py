@@ -39,6 +39,10 @@ class RunWriter:
         if self.enabled:
             atomic_write(self.out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
+    def write_json(self, name: str, obj) -> None:
+        if self.enabled:
+            atomic_write(self.out_dir / name, json.dumps(obj, indent=2) + "\n")
+
     def step(self, record: dict) -> None:
         self.trajectory.append((record["step"], [record["pi"][n] for n in self.source_names]))
         if self.enabled:

@@ -235,13 +235,22 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
                                                       [r["val_loss"] for r in records])})
     if cfg.run.save_final:
         _save_final(ctx)
+    test = None
+    if data.test is not None:  # the held-out test set, scored once with the final w
+        from .evaluate import evaluate_sets
+
+        test = evaluate_sets(ctx, data, "w", sets=[("test", data.test)])["test"]
+        writer.write_json("test.json", test)
     if main:
+        if test is not None:
+            print(f"\ntest set: token-mean loss of w {test['loss']:.4f} (perplexity {test['perplexity']:.2f}) "
+                  f"over {test['tokens']} tokens")
         print(f"\nLearned source weights after {cfg.run.steps} steps (losses: mean of the last "
               f"{len(tail)} steps):")
         print(weights_table(names, initial, final, last))
         print(f"\nrun directory: {ctx.out_dir}  (weights.json, metrics.jsonl, pi.csv, pi.png, config.yaml)")
     result = {"weights": dict(zip(names, final)), "steps": cfg.run.steps, "out_dir": str(ctx.out_dir),
-              "initial": dict(zip(names, initial)), "last": last}
+              "initial": dict(zip(names, initial)), "last": last, "test": test}
     ctx.hooks.scalebio_run_end(run=ctx, result=result)
     return result
 

@@ -386,7 +386,7 @@ def test_test_set_batches_cover_it_once_in_order(tmp_path, tok):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"example {i}"} for i in range(10)])
     test = write_jsonl(tmp_path / "t.jsonl", [{"text": f"test {i}"} for i in range(5)])
     data = RunData(data_cfg(tmp_path, {"a": SourceConfig(str(a))}, test=SourceConfig(str(test))), tok, 0)
-    batches = list(data.test_batches(4))
+    batches = list(data.ordered_batches(data.test, 4))
     assert len(batches) == 2 and all(len(b) == 4 and (b.source == -1).all() for b in batches)
     assert batches[1].loss_mask[1:].sum() == 0  # padding rows carry no loss
     assert sum(b.supervised_tokens() for b in batches) == data.test.supervised_tokens

@@ -317,15 +317,14 @@ class RunData:
         idx = self._val_sampler.take(n)
         return collate([self.val.sample(int(i)) for i in idx], [-1] * n, self.seq_length, self.pad_id)
 
-    def test_batches(self, n: int):
-        """The whole test set in order, ``n`` rows per batch (the last one padded with empty rows,
-        which carry no loss), as validation-kind batches (source -1)."""
-        if self.test is None:
-            return
-        total = len(self.test.samples)
+    def ordered_batches(self, tset, n: int):
+        """Every sample of ``tset`` (a source, the validation or the test set) once, in order, ``n``
+        rows per batch as validation-kind batches (source -1, token sums). The last batch is filled
+        with empty rows, which carry no loss and no tokens."""
+        total = len(tset.samples)
+        empty = Sample(np.array([self.pad_id], dtype=np.int64), np.zeros(0, dtype=bool))
         for start in range(0, total, n):
-            samples = [self.test.sample(i) for i in range(start, min(start + n, total))]
-            empty = Sample(np.array([self.pad_id], dtype=np.int64), np.zeros(0, dtype=bool))
+            samples = [tset.sample(i) for i in range(start, min(start + n, total))]
             samples += [empty] * (n - len(samples))
             yield collate(samples, [-1] * n, self.seq_length, self.pad_id)
 
