@@ -98,8 +98,8 @@ def main() -> int:
         results[name] = run_layout(name, sets, args.steps, args.cores)
         print(f"  measured {name}: {results[name][0]:.3f} s/step", file=sys.stderr, flush=True)
     base = results.get("tp1", next(iter(results.values())))[0]
-    print(f"ScaleBiO step, global batch 16 + validation 16, 128 tokens, micro-batch 4; model "
-          f"{' '.join(s.split('=')[0].split('.')[-1] + '=' + s.split('=')[1] for s in MODEL)}; "
+    settings = dict(x.split("=", 1) for x in sets)  # later --set wins
+    print(f"ScaleBiO step; {' '.join(f'{k.split(chr(46))[-1]}={v}' for k, v in settings.items())}; "
           f"{args.cores} cores split over the ranks; median of {args.steps} steps\n")
     print(f"{'layout':8} {'ranks':>5} {'threads/rank':>12} {'s/step':>8} {'vs tp1':>7} {'core-s/step':>12}")
     for name in names:
