@@ -76,3 +76,13 @@ def test_a_published_model_without_checkpoint_says_what_it_needs(tmp_path):
                                           r"It needs GPUs.*tools/plan.py --model qwen2.5-32b"):
         with open_run(prepare(req), verbose=False):
             pass
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="Transformer Engine may run here")
+def test_transformer_engine_is_asked_for_where_it_cannot_run(tmp_path):
+    from scalebio_plugins.megatron.backend import MegatronBackend
+    from scalebio.roles import RunContext
+
+    p = prepare(tiny_request(tmp_path, "megatron.transformer_impl=transformer_engine"))
+    with pytest.raises(ConfigError, match="needs CUDA and the transformer-engine package"):
+        MegatronBackend(p.options["backend"], RunContext(p.config, ["a"], tmp_path))

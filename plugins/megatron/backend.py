@@ -304,6 +304,12 @@ class MegatronBackend(Backend):
     def __init__(self, options: MegatronOptions, run):
         super().__init__(options, run)
         check_checkpoint(run.config, options)
+        self.use_te = mdl.use_transformer_engine(options.transformer_impl)
+        if run.config.data.packing and self.use_te:
+            # TE attention takes the causal mask from its mask type and ignores a dense one; packing
+            # under TE needs the THD layout with packed_seq_params, which this backend does not build
+            raise ConfigError("data.packing needs megatron.transformer_impl: local (Transformer Engine "
+                              "attention would ignore the per-sample attention mask)")
         self.layout = check_layout(run.config, options, world_size_from_env())
         check_memory(run.config, options, self.layout)
         self.replicas: dict = {}
@@ -353,7 +359,6 @@ class MegatronBackend(Backend):
         seed = self.run.config.run.seed
         model_parallel_cuda_manual_seed(seed)
         model = self.run.config.model
-        self.use_te = mdl.use_transformer_engine(opts.transformer_impl)
         dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float32
         self.padded_vocab = mdl.padded_vocab_size(model.vocab_size, opts.make_vocab_size_divisible_by, layout.tp)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
@@ -430,11 +435,6 @@ class MegatronBackend(Backend):
             out.append({"kind": kind, "tokens": mb.tokens.to(dev), "labels": mb.labels.to(dev),
                         "loss_mask": mb.loss_mask.to(dev), "source": mb.source.to(dev)})
             if mb.segment is not None:  # packed rows (data.packing); the attention mask is built per forward
-                if self.use_te:
-                    # TE attention takes the causal mask from its mask type and ignores a dense one; packing
-                    # under TE needs the THD layout with packed_seq_params, which this backend does not build
-                    raise ConfigError("data.packing needs megatron.transformer_impl: local (Transformer Engine "
-                                      "attention would ignore the per-sample attention mask)")
                 out[-1].update(segment=mb.segment.to(dev), position_ids=mb.position_ids.to(dev),
                                segment_source=mb.segment_source.to(dev))
         return out

@@ -14,6 +14,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from scalebio.config import ConfigError
+
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -39,8 +41,8 @@ def use_transformer_engine(impl: str) -> bool:
         return False
     if impl == "transformer_engine":
         if not te_available():
-            raise RuntimeError("megatron.transformer_impl=transformer_engine needs CUDA and the "
-                               "transformer-engine package (pip install 'scalebio[gpu]')")
+            raise ConfigError("megatron.transformer_impl=transformer_engine needs CUDA and the "
+                              "transformer-engine package (pip install 'scalebio[gpu]')")
         return True
     return te_available()
 
