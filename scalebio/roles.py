@@ -212,12 +212,13 @@ class Backend(Role):
 
     def forward_backward(self, model: str, train: Optional[Batch], source_coef: Optional[torch.Tensor],
                          val: Optional[Batch] = None, val_token_coef: float = 0.0) -> PassResult:
-        """Accumulate into ``model``'s gradients the gradient of
+        """Set ``model``'s gradients (replacing any earlier ones) to the gradient of
 
             sum_i source_coef[source_i] * loss_i  +  val_token_coef * sum_{val tokens} CE
 
         over the global batches (loss_i: per-sample mean loss), in one pass, and return the
-        detached statistics. Everything that shapes gradients happens in this call.
+        detached statistics. Everything that shapes gradients happens in this call: one call per
+        model per optimizer step.
         """
         raise NotImplementedError
 
