@@ -55,29 +55,35 @@ def cmd_models() -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    if args.list_plugins:
-        return cmd_plugins()
+def _guarded(action, interrupted: str = "interrupted") -> int:
+    """Run ``action``; bad input and a non-finite run become a message and an exit code, not a traceback."""
     from .config import ConfigError
     from .data import DataError
     from .plugins import PluginError
     from .roles import NonFiniteError
+
+    try:
+        action()
+    except (ConfigError, DataError, PluginError) as exc:
+        return _fail(str(exc))
+    except NonFiniteError as exc:
+        return _fail(str(exc), EXIT_NONFINITE)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.list_plugins:
+        return cmd_plugins()
     from .runner import RunRequest, run
 
     req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
                      plugins=tuple(p.strip() for p in args.plugins.split(",") if p.strip()),
                      steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite,
                      tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
-    try:
-        run(req)
-    except (ConfigError, DataError, PluginError) as exc:
-        return _fail(str(exc))
-    except NonFiniteError as exc:
-        return _fail(str(exc), EXIT_NONFINITE)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return _guarded(lambda: run(req))
 
 
 def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:
@@ -90,21 +96,16 @@ def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from .config import ConfigError
-    from .data import DataError
     from .data.prepare import load_data_config, prepare_data
 
     if args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}")
-    try:
+
+    def action():
         cfg = load_data_config(args.data, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
         prepare_data(cfg, workers=args.workers, force=args.force, progress=not args.no_progress)
-    except (ConfigError, DataError) as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        print("interrupted (nothing half-written is left in the cache)", file=sys.stderr)
-        return 130
-    return 0
+
+    return _guarded(action, "interrupted (nothing half-written is left in the cache)")
 
 
 def add_export_arguments(ap: argparse.ArgumentParser) -> None:
@@ -120,17 +121,12 @@ def add_export_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from .config import ConfigError
-    from .data import DataError
     from .data.export import export_mixture, read_weights
     from .data.prepare import load_data_config
 
-    try:
-        export_mixture(read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
-                       with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite)
-    except (ConfigError, DataError) as exc:
-        return _fail(str(exc))
-    return 0
+    return _guarded(lambda: export_mixture(
+        read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
+        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite))
 
 
 def run_main(argv=None) -> int:
