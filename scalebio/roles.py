@@ -251,7 +251,11 @@ class Backend(Role):
 
 
 class Solver(Role):
-    """One bilevel step."""
+    """One training step (the bilevel step for ``minimax``)."""
+
+    #: the model copies this solver trains; the backend builds only these (a plain fine-tuning
+    #: solver needs just ``("w",)``)
+    models: tuple = MODELS
 
     def __init__(self, options, run: RunContext):
         self.options = options

@@ -185,7 +185,7 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
 
 
 def execute(p: Prepared, overwrite: bool = False) -> dict:
-    with open_run(p, overwrite) as (ctx, data):
+    with open_run(p, overwrite, models=p.classes["solver"].models) as (ctx, data):
         writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
         try:
             writer.write_config(resolved_config(p))
@@ -211,13 +211,13 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         t0 = time.perf_counter()
         selection = ctx.layers.select(step)
         if selection is not None:
-            for m in MODELS:
+            for m in ctx.solver.models:
                 backend.set_trainable(m, selection.layers[m], selection.keep_state)
         pi = ctx.weights.probs().tolist()
         metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
         record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
         if selection is not None:
-            record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in MODELS}
+            record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
         records.append(record)
         writer.step(record)
         ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
@@ -267,7 +267,7 @@ def _save_final(ctx: RunContext) -> None:
     if ctx.is_main and tmp.exists():
         shutil.rmtree(tmp)
     ctx.backend.barrier()
-    for m in MODELS:
+    for m in ctx.solver.models:
         ctx.backend.save_model(m, tmp / m)
     ctx.backend.barrier()
     if ctx.is_main:

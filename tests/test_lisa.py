@@ -6,7 +6,8 @@ import torch
 
 from scalebio.config import ConfigError, parse
 from scalebio_plugins.lisa import Lisa, LisaOptions
-from scalebio_plugins.megatron.backend import _optimizer_entries, _optimizer_targets
+from scalebio_plugins.megatron.optim_state import optimizer_entries as _optimizer_entries
+from scalebio_plugins.megatron.optim_state import optimizer_targets as _optimizer_targets
 from scalebio_plugins.megatron.model import layer_index
 
 

@@ -14,15 +14,18 @@ How the ScaleBiO objective reaches the gradients (SPEC §2, §6):
 
 LISA memory: the DDP grad buffers and the optimizer are built over the trainable parameters only
 and rebuilt at each switch, so frozen layers hold neither gradients nor optimizer state.
+
+Where things are: this file holds the options, the up-front checks and the role methods;
+``replica.py`` one model copy and its trainable set, ``optim_state.py`` the optimizer state
+carried across a switch, ``passes.py`` the schedule call and its loss function, ``model.py``
+the GPTModel build, ``checkpoint.py`` weights on disk, ``layout.py`` the parallel layout.
 """
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import socket
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,6 +36,9 @@ from scalebio.roles import MODELS, Backend, PassResult
 
 from . import model as mdl
 from .layout import Layout, check_layout, world_size_from_env
+from .optim_state import sub_optimizers
+from .passes import micro_batches, run_schedule
+from .replica import Replica
 
 
 @dataclass
@@ -118,184 +124,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Replica:
-    """One model copy (u or w): its chunks, and the DDP wrappers and optimizer over the active set."""
-
-    def __init__(self, name: str, chunks: list, tconfig, backend: "MegatronBackend"):
-        self.name = name
-        self.chunks = chunks
-        self.tconfig = tconfig
-        self.backend = backend
-        self.ddp: list = []
-        self.optimizer = None
-        self.active_layers: Optional[frozenset] = None
-        names = {}
-        for chunk in chunks:
-            glob = mdl.global_names(chunk)
-            for local, p in chunk.named_parameters():
-                names[p] = glob[local]
-        self.global_name = names  # parameter -> layout-independent name
-
-    def parameters(self):
-        for chunk in self.chunks:
-            yield from chunk.parameters()
-
-    # ------------------------------------------------------------------ trainable set
-
-    def set_trainable(self, layers: frozenset, keep_state: bool) -> None:
-        old_optimizer, old_active = self.optimizer, self.active_layers or frozenset()
-        for p in self.parameters():
-            layer = mdl.layer_index(self.global_name[p])
-            p.requires_grad_(layer is None or layer in layers)
-        self._rebuild()
-        if old_optimizer is not None:
-            # embeddings, final norm and output layer always keep their moments; a body layer only
-            # with keep_state and only when it stays selected
-            kept = [p for p in self.parameters() if p.requires_grad and (
-                mdl.layer_index(self.global_name[p]) is None
-                or (keep_state and mdl.layer_index(self.global_name[p]) in old_active))]
-            _transfer_optimizer_state(old_optimizer, self.optimizer, kept)
-        self.active_layers = frozenset(layers)
-
-    def _rebuild(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel as DDP
-        from megatron.core.distributed import DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        # Drop the old buffers and optimizer first; DDP's grad hooks die with the old wrapper.
-        self.ddp, self.optimizer = [], None
-        for p in self.parameters():
-            p.grad = None
-            if hasattr(p, "main_grad"):
-                del p.main_grad
-            if p.data._base is not None:  # a view into an old DDP param buffer: own the storage
-                p.data = p.data.clone()
-        gc.collect()
-        opts = self.backend.options
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=opts.use_distributed_optimizer,
-        )
-        self.ddp = [DDP(config=self.tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
-                    for i, chunk in enumerate(self.chunks)]
-        o = self.backend.run.config.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=opts.precision == "bf16",
-                params_dtype=torch.bfloat16 if opts.precision == "bf16" else torch.float32,
-                use_distributed_optimizer=opts.use_distributed_optimizer,
-            ),
-            self.ddp,
-        )
-
-    # ------------------------------------------------------------------ accounting
-
-    def state_bytes(self) -> dict:
-        grads = sum(buf.grad_data.numel() * buf.grad_data.element_size()
-                    for d in self.ddp for buf in list(d.buffers) + list(d.expert_parallel_buffers))
-        opt = 0
-        if self.optimizer is not None:
-            for p, (main, state) in _optimizer_entries(self.optimizer).items():
-                opt += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
-                if main.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # a separate fp32 master
-                    opt += main.numel() * main.element_size()
-        return {"grads": grads, "optimizer": opt}
-
-
-def _sub_optimizers(optimizer):
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _optimizer_targets(optimizer) -> dict:
-    """model parameter -> (main, torch optimizer, start, end): ``main`` is the tensor the torch
-    optimizer updates for the elements [start, end) of the flattened parameter on this rank (the
-    parameter itself, its fp32 master copy, or its distributed-optimizer shard)."""
-    from megatron.core.optimizer import DistributedOptimizer
-
-    out = {}
-    for o in _sub_optimizers(optimizer):
-        if isinstance(o, DistributedOptimizer):
-            for p, (group, order) in o.model_param_group_index_map.items():
-                r = o._get_model_param_range_map(p)["param"]
-                out[p] = (o.optimizer.param_groups[group]["params"][order], o.optimizer, r.start, r.end)
-        elif hasattr(o, "float16_groups"):  # mixed precision: fp32 master copies
-            for g16, g32 in zip(o.float16_groups, o.fp32_from_float16_groups):
-                out.update((p, (main, o.optimizer, 0, p.numel())) for p, main in zip(g16, g32))
-            for g in o.fp32_from_fp32_groups:
-                out.update((p, (p, o.optimizer, 0, p.numel())) for p in g)
-        else:
-            for g in o.optimizer.param_groups:
-                out.update((p, (p, o.optimizer, 0, p.numel())) for p in g["params"])
-    return out
-
-
-def _optimizer_entries(optimizer) -> dict:
-    """model parameter -> (main parameter, optimizer state) for the parameters that have state."""
-    out = {}
-    for p, (main, opt, _, _) in _optimizer_targets(optimizer).items():
-        state = opt.state.get(main)
-        if state:
-            out[p] = (main, state)
-    return out
-
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _transfer_optimizer_state(old, new, params: list) -> None:
-    """Carry master weights and Adam moments of ``params`` from the old optimizer to the rebuilt one.
-
-    With the distributed optimizer the old and new shard boundaries differ, so each parameter's
-    full state is reassembled over the data-parallel group (one parameter at a time, to keep the
-    extra memory at the size of the largest parameter) and every rank keeps its new shard.
-    ``params`` must be in the same order on every rank.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import DistributedOptimizer
-
-    old_targets, new_targets = _optimizer_targets(old), _optimizer_targets(new)
-    distributed = any(isinstance(o, DistributedOptimizer) for o in _sub_optimizers(new))
-    group = ps.get_data_parallel_group(with_context_parallel=True) if distributed else None
-    for p in params:
-        src, dst = old_targets.get(p), new_targets.get(p)
-        state = src[1].state.get(src[0]) if src is not None else None
-        if not distributed:
-            if state and dst is not None:
-                if dst[0] is not src[0]:
-                    dst[0].data.copy_(src[0].data)  # fp32 master weights survive the rebuild
-                dst[1].state[dst[0]] = state
-            continue
-        n = p.numel()
-        full = torch.zeros(1 + len(_MOMENTS), n, dtype=torch.float32, device=p.device)
-        flags = torch.zeros(2, dtype=torch.float32, device=p.device)  # [has state, Adam step]
-        if state:
-            main, _, a, b = src
-            full[0, a:b] = main.detach().view(-1).float()
-            for i, key in enumerate(_MOMENTS, 1):
-                full[i, a:b] = state[key].view(-1).float()
-            flags[0] = 1.0
-            flags[1] = float(state.get("step", 0.0))  # torch's AdamW keeps it per parameter; TE's per group
-        dist.all_reduce(full, group=group)  # each element is owned by exactly one rank: the sum is the whole
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        if float(flags[0]) == 0.0 or dst is None:
-            continue  # no state yet, or this rank owns no part of the parameter now
-        main, opt, a, b = dst
-        main.data.view(-1).copy_(full[0, a:b])
-        moved = {key: full[i, a:b].view_as(main).to(main.dtype).clone() for i, key in enumerate(_MOMENTS, 1)}
-        if float(flags[1]) > 0:
-            moved["step"] = torch.tensor(float(flags[1]))
-        opt.state[main] = moved
 
 
 class MegatronBackend(Backend):
@@ -387,7 +215,7 @@ class MegatronBackend(Backend):
                     chunk.cuda()
                 if dtype == torch.bfloat16:
                     chunk.to(dtype)
-            self.replicas[name] = _Replica(name, chunks, tconfig, self)
+            self.replicas[name] = Replica(name, chunks, tconfig, self)
 
     @property
     def num_layers(self) -> int:
@@ -421,113 +249,14 @@ class MegatronBackend(Backend):
     def set_trainable(self, model: str, layers: frozenset, keep_state: bool) -> None:
         self.replicas[model].set_trainable(frozenset(layers), keep_state)
 
-    def _micro_batches(self, batch, kind: str) -> list:
-        """This data-parallel rank's contiguous share of a global batch, cut into micro-batches."""
-        if batch is None:
-            return []
-        mbs, dp = self.run.config.run.micro_batch, self.layout.dp
-        per_rank = len(batch) // dp
-        mine = batch.rows(slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
-        dev = self.device
-        out = []
-        for i in range(0, per_rank, mbs):
-            mb = mine.rows(slice(i, i + mbs))
-            out.append({"kind": kind, "tokens": mb.tokens.to(dev), "labels": mb.labels.to(dev),
-                        "loss_mask": mb.loss_mask.to(dev), "source": mb.source.to(dev)})
-            if mb.segment is not None:  # packed rows (data.packing); the attention mask is built per forward
-                out[-1].update(segment=mb.segment.to(dev), position_ids=mb.position_ids.to(dev),
-                               segment_source=mb.segment_source.to(dev))
-        return out
-
-    def _run_schedule(self, replica: _Replica, micro_batches: list, source_coef, val_token_coef: float,
-                      forward_only: bool) -> PassResult:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        k = len(self.run.source_names)
-        dev = self.device
-        # [loss sums by source | sample counts by source | val CE sum | val tokens], float64 so that
-        # sums over large global batches stay exact enough for the hypergradient
-        stats = torch.zeros(2 * k + 2, dtype=torch.float64, device=dev)
-        coef = None if source_coef is None else source_coef.to(dev, torch.float32)
-        seq = self.run.config.data.seq_length
-        positions = torch.arange(seq, device=dev).unsqueeze(0)
-
-        def loss_func(mb, per_token):
-            per_token = per_token.float()
-            mask = mb["loss_mask"]
-            token_sum = (per_token * mask).sum(dim=1)
-            tokens = mask.sum(dim=1)
-            if mb["kind"] == "val":
-                loss = val_token_coef * token_sum.sum()
-                stats[2 * k] += token_sum.detach().sum().double()
-                stats[2 * k + 1] += tokens.sum().double()
-            else:
-                per_sample = token_sum / tokens.clamp(min=1.0)  # 0 for a sample with no supervised token
-                src = mb["source"]
-                if "segment" in mb:  # packed rows: one loss per packed sample, slot = row * max samples + segment
-                    seg_src = mb["segment_source"]
-                    slots = seg_src.numel()
-                    slot = (torch.arange(seg_src.shape[0], device=dev)[:, None] * seg_src.shape[1]
-                            + mb["segment"].clamp(min=0)).reshape(-1)  # padding has no loss: any slot will do
-                    sample_sum = per_token.new_zeros(slots).index_add(0, slot, (per_token * mask).reshape(-1))
-                    sample_tokens = mask.new_zeros(slots).index_add(0, slot, mask.reshape(-1))
-                    present = seg_src.reshape(-1) >= 0
-                    per_sample = (sample_sum / sample_tokens.clamp(min=1.0))[present]
-                    src = seg_src.reshape(-1)[present]
-                loss = (coef[src] * per_sample).sum() if coef is not None else per_sample.sum()
-                stats[:k].index_add_(0, src, per_sample.detach().double())
-                stats[k:2 * k].index_add_(0, src, torch.ones_like(per_sample, dtype=torch.float64))
-            return loss, tokens.sum().int(), {}
-
-        def forward_step(data_iterator, module):
-            mb = next(data_iterator)
-            pos, attention_mask = positions.expand(mb["tokens"].shape[0], -1), None
-            if "segment" in mb:  # packed rows: attend only within a sample (True = masked), positions restart
-                seg = mb["segment"]
-                same = (seg[:, :, None] == seg[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool, device=dev).tril()
-                pos, attention_mask = mb["position_ids"], ~same.unsqueeze(1)
-            out = module(mb["tokens"], pos, attention_mask, labels=mb["labels"])
-            return out, partial(loss_func, mb)
-
-        modules = replica.chunks if forward_only else replica.ddp
-        if not forward_only:
-            if not modules:
-                raise RuntimeError(f"model {replica.name}: call set_trainable before forward_backward")
-            for d in modules:
-                d.zero_grad_buffer()
-            replica.optimizer.zero_grad()
-        n = len(modules)
-        iterators = [iter(micro_batches) for _ in range(n)]
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if n > 1 else iterators[0],
-            model=modules,
-            num_microbatches=len(micro_batches),
-            seq_length=seq,
-            micro_batch_size=self.run.config.run.micro_batch,
-            forward_only=forward_only,
-        )
-        # Statistics live on the last pipeline stage: sum them over data-parallel replicas, then
-        # hand them to every stage, so pi and lambda are identical on all ranks.
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(stats, group=ps.get_data_parallel_group())
-        if self.layout.pp > 1:
-            dist.broadcast(stats, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        stats = stats.cpu()
-        return PassResult(loss_sum=stats[:k].clone(), count=stats[k:2 * k].clone(),
-                          val_loss_sum=float(stats[2 * k]), val_tokens=float(stats[2 * k + 1]))
-
     def forward_backward(self, model, train, source_coef, val=None, val_token_coef=0.0) -> PassResult:
-        micro = self._micro_batches(train, "train") + self._micro_batches(val, "val")
-        return self._run_schedule(self.replicas[model], micro, source_coef, val_token_coef, forward_only=False)
+        micro = micro_batches(self, train, "train") + micro_batches(self, val, "val")
+        return run_schedule(self, self.replicas[model], micro, source_coef, val_token_coef, forward_only=False)
 
     def evaluate(self, model, batch, num_sources=None) -> PassResult:
         kind = "val" if bool((batch.source < 0).all()) else "train"
         with torch.no_grad():
-            return self._run_schedule(self.replicas[model], self._micro_batches(batch, kind), None, 0.0,
+            return run_schedule(self, self.replicas[model], micro_batches(self, batch, kind), None, 0.0,
                                       forward_only=True)
 
     def optimizer_step(self, model, lr: float, clip_grad: float) -> dict:
@@ -537,7 +266,7 @@ class MegatronBackend(Backend):
             # Megatron's param groups carry multipliers (no weight decay on biases and norms)
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
-        for o in [replica.optimizer] + _sub_optimizers(replica.optimizer):
+        for o in [replica.optimizer] + sub_optimizers(replica.optimizer):
             o.config.clip_grad = clip_grad
         _, grad_norm, _ = replica.optimizer.step()
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
