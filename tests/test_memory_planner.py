@@ -87,7 +87,8 @@ def test_planner_within_15_percent_of_measured(tmp_path, name):
 
 # parameter counts published for the Hugging Face checkpoints (the sum of their tensors)
 PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
-             "qwen2-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352, "llama-3-8b": 8_030_261_248}
+             "qwen2-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352, "llama-3-8b": 8_030_261_248,
+             "smollm2-135m": 134_515_008}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -3,6 +3,9 @@ updates for each model parameter (the parameter, its fp32 master, or its distrib
 shard), and the transfer of masters and Adam moments from an old optimizer to a rebuilt one."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 
@@ -46,47 +49,102 @@ def optimizer_entries(optimizer) -> dict:
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+@dataclass
+class ParamState:
+    """One parameter's optimizer-side state, whole: this rank's tensor-parallel shard of it, with
+    every data-parallel shard joined (``p``'s shape)."""
+
+    master: torch.Tensor  # the fp32 master weight (the parameter itself in fp32 without a separate master)
+    moments: Optional[dict] = None  # exp_avg, exp_avg_sq in fp32; None before the first step
+    step: Optional[float] = None  # Adam's step count, where the optimizer keeps it per parameter
+
+
+class OptimizerView:
+    """Per-parameter access to a megatron optimizer's state, whatever its kind (plain, fp32
+    masters of bf16 weights, distributed-optimizer shards).
+
+    With the distributed optimizer :meth:`gather` and :meth:`scatter` are collective over the
+    data-parallel group: every rank calls them for the same parameters in the same order, and
+    the extra memory is one parameter at a time.
+    """
+
+    def __init__(self, optimizer):
+        from megatron.core import parallel_state as ps
+        from megatron.core.optimizer import DistributedOptimizer
+
+        self.optimizer = optimizer
+        self.targets = optimizer_targets(optimizer)
+        self.distributed = any(isinstance(o, DistributedOptimizer) for o in sub_optimizers(optimizer))
+        self.group = ps.get_data_parallel_group(with_context_parallel=True) if self.distributed else None
+
+    def __contains__(self, p) -> bool:
+        return p in self.targets
+
+    def gather(self, p) -> Optional[ParamState]:
+        """``p``'s state, or None where the optimizer does not hold ``p`` (on any rank)."""
+        src = self.targets.get(p)
+        if not self.distributed:
+            if src is None:
+                return None
+            main, opt = src[0], src[1]
+            state = opt.state.get(main)
+            if not state:
+                return ParamState(main.detach())
+            step = state.get("step")
+            return ParamState(main.detach(), {k: state[k] for k in _MOMENTS},
+                              None if step is None else float(step))
+        import torch.distributed as dist
+
+        full = torch.zeros(1 + len(_MOMENTS), p.numel(), dtype=torch.float32, device=p.device)
+        flags = torch.zeros(3, dtype=torch.float32, device=p.device)  # [holds p, has moments, Adam step]
+        if src is not None:
+            main, opt, a, b = src
+            full[0, a:b] = main.detach().view(-1).float()
+            flags[0] = 1.0
+            state = opt.state.get(main)
+            if state:
+                for i, key in enumerate(_MOMENTS, 1):
+                    full[i, a:b] = state[key].view(-1).float()
+                flags[1] = 1.0
+                flags[2] = float(state.get("step", 0.0))  # torch's AdamW keeps it per parameter; TE's per group
+        dist.all_reduce(full, group=self.group)  # each element is owned by exactly one rank: the sum is the whole
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        if float(flags[0]) == 0.0:
+            return None
+        moments = None
+        if float(flags[1]) > 0:
+            moments = {key: full[i].view_as(p) for i, key in enumerate(_MOMENTS, 1)}
+        return ParamState(full[0].view_as(p), moments, float(flags[2]) if float(flags[2]) > 0 else None)
+
+    def scatter(self, p, state: ParamState, moments: bool = True) -> None:
+        """Give ``p`` the master weight of ``state`` and, with ``moments``, its Adam state (this
+        rank's part of it). A parameter the optimizer does not hold here is skipped."""
+        dst = self.targets.get(p)
+        if dst is None:
+            return
+        main, opt, a, b = dst
+        if main is not state.master:
+            main.data.view(-1).copy_(state.master.reshape(-1)[a:b])
+        if not moments or state.moments is None:
+            return
+        if not self.distributed and state.moments["exp_avg"].shape == main.shape:
+            moved = dict(state.moments)  # the old optimizer is dropped: take its tensors, no copy
+        else:
+            moved = {k: v.reshape(-1)[a:b].view_as(main).to(main.dtype).clone() for k, v in state.moments.items()}
+        if state.step is not None:
+            moved["step"] = torch.tensor(float(state.step))
+        opt.state[main] = moved
+
+
 def transfer_optimizer_state(old, new, params: list) -> None:
     """Carry master weights and Adam moments of ``params`` from the old optimizer to the rebuilt one.
 
     With the distributed optimizer the old and new shard boundaries differ, so each parameter's
-    full state is reassembled over the data-parallel group (one parameter at a time, to keep the
-    extra memory at the size of the largest parameter) and every rank keeps its new shard.
+    full state is reassembled over the data-parallel group and every rank keeps its new shard.
     ``params`` must be in the same order on every rank.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import DistributedOptimizer
-
-    old_targets, new_targets = optimizer_targets(old), optimizer_targets(new)
-    distributed = any(isinstance(o, DistributedOptimizer) for o in sub_optimizers(new))
-    group = ps.get_data_parallel_group(with_context_parallel=True) if distributed else None
+    src, dst = OptimizerView(old), OptimizerView(new)
     for p in params:
-        src, dst = old_targets.get(p), new_targets.get(p)
-        state = src[1].state.get(src[0]) if src is not None else None
-        if not distributed:
-            if state and dst is not None:
-                if dst[0] is not src[0]:
-                    dst[0].data.copy_(src[0].data)  # fp32 master weights survive the rebuild
-                dst[1].state[dst[0]] = state
-            continue
-        n = p.numel()
-        full = torch.zeros(1 + len(_MOMENTS), n, dtype=torch.float32, device=p.device)
-        flags = torch.zeros(2, dtype=torch.float32, device=p.device)  # [has state, Adam step]
-        if state:
-            main, _, a, b = src
-            full[0, a:b] = main.detach().view(-1).float()
-            for i, key in enumerate(_MOMENTS, 1):
-                full[i, a:b] = state[key].view(-1).float()
-            flags[0] = 1.0
-            flags[1] = float(state.get("step", 0.0))  # torch's AdamW keeps it per parameter; TE's per group
-        dist.all_reduce(full, group=group)  # each element is owned by exactly one rank: the sum is the whole
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        if float(flags[0]) == 0.0 or dst is None:
-            continue  # no state yet, or this rank owns no part of the parameter now
-        main, opt, a, b = dst
-        main.data.view(-1).copy_(full[0, a:b])
-        moved = {key: full[i, a:b].view_as(main).to(main.dtype).clone() for i, key in enumerate(_MOMENTS, 1)}
-        if float(flags[1]) > 0:
-            moved["step"] = torch.tensor(float(flags[1]))
-        opt.state[main] = moved
+        state = src.gather(p)
+        if state is not None and state.moments is not None:
+            dst.scatter(p, state)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import model as mdl
-from .optim_state import optimizer_entries, transfer_optimizer_state
+from .optim_state import OptimizerView, ParamState, optimizer_entries, transfer_optimizer_state
 
 
 class Replica:
@@ -22,6 +22,7 @@ class Replica:
         self.ddp: list = []
         self.optimizer = None
         self.active_layers: Optional[frozenset] = None
+        self._view: Optional[OptimizerView] = None
         names = {}
         for chunk in chunks:
             glob = mdl.global_names(chunk)
@@ -88,6 +89,25 @@ class Replica:
             ),
             self.ddp,
         )
+
+    # ------------------------------------------------------------------ per-parameter state
+
+    def view(self) -> OptimizerView:
+        if self._view is None or self._view.optimizer is not self.optimizer:
+            self._view = OptimizerView(self.optimizer)
+        return self._view
+
+    def param_state(self, p) -> ParamState:
+        """``p``'s fp32 master weight and Adam state, whether it trains now or not. Collective with
+        the distributed optimizer: every rank asks for the same parameters in the same order."""
+        held = self.view().gather(p) if self.optimizer is not None else None
+        return held if held is not None else ParamState(p.detach().float())
+
+    def load_param_state(self, p, state: ParamState) -> None:
+        """Restore ``p``'s master (and its moments, where the optimizer holds ``p``); the model
+        weight itself is the caller's."""
+        if self.optimizer is not None and p in self.view():
+            self.view().scatter(p, state)
 
     # ------------------------------------------------------------------ accounting
 
