@@ -61,7 +61,7 @@ def build_layers(req: RunRequest) -> tuple:
         model_path = Path(req.load) / "model.yaml"  # the checkpoint's own architecture
         if not model_path.is_file():
             raise ConfigError(f"--load {req.load}: no model.yaml there (convert a Hugging Face model with "
-                              f"tools/convert.py hf-to-megatron)")
+                              f"scalebio convert hf-to-megatron)")
     else:
         model_path = find_model(req.model or "tiny")
     layers.add_file(model_path, "model")

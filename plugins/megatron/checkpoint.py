@@ -541,7 +541,7 @@ def read_meta(ckpt) -> dict:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
     if not meta_path.is_file():
-        hint = " (it looks like a Hugging Face checkpoint: convert it first with tools/convert.py hf-to-megatron)" \
+        hint = " (it looks like a Hugging Face checkpoint: convert it first with scalebio convert hf-to-megatron)" \
             if (ckpt / "config.json").is_file() else ""
         raise CheckpointError(f"{ckpt} is not a scalebio checkpoint: no {META_FILE}{hint}")
     try:

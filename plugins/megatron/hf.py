@@ -437,7 +437,7 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
         if (hf_dir / "generation_config.json").is_file():
             shutil.copyfile(hf_dir / "generation_config.json", tmp / HF_DIR / "generation_config.json")
         tokenizer = copy_tokenizer_files(hf_dir, tmp)
-        write_meta(tmp, stored_dtype, "tools/convert.py hf-to-megatron", str(hf_dir.resolve()), hf_config=True)
+        write_meta(tmp, stored_dtype, "scalebio convert hf-to-megatron", str(hf_dir.resolve()), hf_config=True)
     summary.update(out=str(out), model=model.name, family=model.family, dtype=dtype_name(stored_dtype),
                    tokenizer=tokenizer, seconds=time.perf_counter() - t0)
     log(_summary_line("hf-to-megatron", summary, model))

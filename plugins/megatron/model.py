@@ -8,6 +8,7 @@ rank's shard, and a seeded initialisation that gives the same full weights at an
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import re
 
@@ -29,8 +30,7 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")  # a broken install fails here, not mid-run
     except Exception:
         return False
     return True
