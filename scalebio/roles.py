@@ -195,10 +195,20 @@ class Backend(Role):
         self.options = options
         self.run = run
 
+    #: the parallel layout, recorded in config.yaml and in ``scalebio eval``'s output: an object
+    #: with ``tp``, ``pp`` and ``dp`` attributes (a dataclass), or None for a backend without one
+    layout = None
+
     @property
     def is_main(self) -> bool:
         """True on the one rank that writes outputs."""
         return True
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's model lives (after ``setup``); its ``type`` is recorded in config.yaml
+        and decides how peak memory is measured (CUDA: max allocated; otherwise peak RSS)."""
+        return torch.device("cpu")
 
     def setup(self, models=MODELS) -> None:
         """Heavy: start the process groups, build ``models`` (u and w) with identical weights."""
@@ -245,6 +255,10 @@ class Backend(Role):
     def broadcast_object(self, obj):
         """The main rank's ``obj`` on every rank (identity in a single process)."""
         return obj
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+        return [obj]
 
     def close(self) -> None:
         pass

@@ -17,7 +17,7 @@ from typing import Optional
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
 from .data import RunData
-from .outputs import RunWriter, weights_table
+from .outputs import RunWriter, run_metadata, step_resources, weights_table
 from .plugins import Plugins
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
@@ -188,7 +188,7 @@ def execute(p: Prepared, overwrite: bool = False) -> dict:
     with open_run(p, overwrite, models=p.classes["solver"].models) as (ctx, data):
         writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
         try:
-            writer.write_config(resolved_config(p))
+            writer.write_config({**resolved_config(p), "metadata": run_metadata(ctx.backend)})
             return _loop(ctx, data, writer)
         finally:
             writer.close()
@@ -216,6 +216,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         pi = ctx.weights.probs().tolist()
         metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
         record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
+        record.update(step_resources(ctx, record["time_s"]))
         if selection is not None:
             record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
         records.append(record)

@@ -233,6 +233,13 @@ class MegatronBackend(Backend):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
