@@ -16,7 +16,8 @@ from .commands import module as _command_module
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plugins", default="", metavar="A,B",
-                    help="plugins to use, comma-separated (one per role; defaults: minimax, full, softmax, megatron)")
+                    help="plugins to use, comma-separated: one per role (defaults: minimax, full, softmax, "
+                         "megatron) and any observers (tensorboard, wandb; off unless named)")
     ap.add_argument("--model", default=None, metavar="NAME",
                     help="a model in model_configs/ (see `scalebio models`) or a model YAML file (default: tiny)")
     ap.add_argument("--data", default=None, metavar="DATA.yaml",

@@ -123,6 +123,29 @@ def weights_table(source_names: list, initial: list, final: list, last: dict | N
     return "\n".join(lines)
 
 
+# keys of a metrics record that are not curves: the step itself, and the layer indices of a switch
+_NOT_SCALARS = {"step", "trainable_layers"}
+
+
+def scalars(record: dict, prefix: str = "") -> dict:
+    """Every number of a metrics record as ``{name: float}``, nesting joined by ``/`` (``pi/clean``,
+    ``loss_u/clean``) and lists of numbers by rank (``peak_memory_bytes/rank0``): what the logging
+    plugins plot. None (a source absent from the batch) and booleans are left out."""
+    out = {}
+    for key, value in record.items():
+        if not prefix and key in _NOT_SCALARS:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{name}/"))
+        elif isinstance(value, list):
+            out.update({f"{name}/rank{i}": float(v) for i, v in enumerate(value)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 # --------------------------------------------------------------------------- run metadata
 
 

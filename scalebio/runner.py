@@ -125,7 +125,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
 def resolved_config(p: Prepared) -> dict:
     cfg = p.config
     out = {"scalebio_version": __version__,
-           "plugins": dict(p.plugins.selected),
+           "plugins": {**p.plugins.selected, "observers": list(p.plugins.observers)},
            "run": to_dict(cfg.run), "optim": to_dict(cfg.optim),
            "model": to_dict(cfg.model), "data": to_dict(cfg.data)}
     for role, opts in p.options.items():
@@ -188,7 +188,9 @@ def execute(p: Prepared, overwrite: bool = False) -> dict:
     with open_run(p, overwrite, models=p.classes["solver"].models) as (ctx, data):
         writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
         try:
-            writer.write_config({**resolved_config(p), "metadata": run_metadata(ctx.backend)})
+            resolved = {**resolved_config(p), "metadata": run_metadata(ctx.backend)}
+            writer.write_config(resolved)
+            ctx.hooks.scalebio_run_start(run=ctx, config=resolved)
             return _loop(ctx, data, writer)
         finally:
             writer.close()
