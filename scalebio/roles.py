@@ -183,10 +183,13 @@ class LayerSelection(Role):
         self.num_layers = num_layers
         self.seed = seed
 
-    def select(self, step: int) -> Optional[Selection]:
-        """The new trainable set at ``step``, or None to keep the current one.
+    def select(self, step: int) -> tuple:
+        """``(selection, changed)``: the trainable set at ``step``, and whether it is a switch.
 
-        Must return a Selection at step 0 and give the same answer on every rank.
+        A pure function of ``step`` (and the constructor's arguments), identical on every rank,
+        so a resumed run can ask for the set at any step. ``changed`` is True at step 0 and at
+        every step where the backend must apply a new set (even one equal to the last, with
+        ``keep_state=False`` it still resets the body layers' optimizer moments).
         """
         raise NotImplementedError
 

@@ -211,15 +211,15 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n:>12}" for n in column_labels(names, 12)))
     for step in range(cfg.run.steps):
         t0 = time.perf_counter()
-        selection = ctx.layers.select(step)
-        if selection is not None:
+        selection, changed = ctx.layers.select(step)
+        if changed:
             for m in ctx.solver.models:
                 backend.set_trainable(m, selection.layers[m], selection.keep_state)
         pi = ctx.weights.probs().tolist()
         metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
         record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
         record.update(step_resources(ctx, record["time_s"]))
-        if selection is not None:
+        if changed:
             record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
         records.append(record)
         writer.step(record)

@@ -202,7 +202,7 @@ class MegatronBackend(Backend):
         for name in models:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
-            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
+            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp, self.use_te)
             # u and w start from the same weights: a checkpoint's (each rank reads its own shards), or
             # the same seeded full tensors, sharded alike
             if load:
