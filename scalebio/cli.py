@@ -110,10 +110,13 @@ def cmd_prepare(args) -> int:
 def add_export_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", required=True, metavar="RUN_DIR/weights.json", help="a run's learned weights")
     ap.add_argument("--data", required=True, metavar="DATA.yaml", help="the data YAML with the same source names")
-    ap.add_argument("--size", type=int, required=True, metavar="N", help="examples in the mixture")
-    ap.add_argument("--out", required=True, metavar="PATH", help="output file: .jsonl or .parquet")
-    ap.add_argument("--format", choices=["jsonl", "parquet"], default=None,
-                    help="output format (default: from the --out extension, else jsonl)")
+    ap.add_argument("--size", type=int, default=None, metavar="N",
+                    help="examples in the mixture (jsonl, parquet; a Megatron blend holds every example)")
+    ap.add_argument("--out", required=True, metavar="PATH",
+                    help="output: a .jsonl or .parquet file, or a directory for --format megatron")
+    ap.add_argument("--format", choices=["jsonl", "parquet", "megatron"], default=None,
+                    help="output format (default: from the --out extension, else jsonl); megatron: indexed "
+                         "datasets per source, the --data-path blend and a Megatron-Bridge/NeMo blend YAML")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the draw and the shuffle (default 1234)")
     ap.add_argument("--with-validation", action="store_true", help="append the validation set after the mixture")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -125,7 +128,7 @@ def cmd_export(args) -> int:
 
     return _guarded(lambda: export_mixture(
         read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
-        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite))
+        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite, weights_path=args.weights))
 
 
 def run_main(argv=None) -> int:

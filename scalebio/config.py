@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -477,6 +478,37 @@ class TokenizerConfig:
     chat_template: Optional[str] = None
 
 
+# the names of the held-out sets, wherever sets are named together (evaluation, exports, reports)
+RESERVED_SOURCE_NAMES = ("validation", "test")
+
+
+def source_name_problems(names) -> list:
+    """Why these training-source names cannot be used (empty when they can): a name must be
+    non-empty, free of control characters and path separators (exports name files after it), not
+    ``validation`` or ``test`` in any case (the held-out sets' names: such a source would be
+    exported, and scored, as if it were one), and different from every other name in more than
+    case (files named after them would collide on case-insensitive file systems)."""
+    problems, seen = [], {}
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"a source name is empty ({name!r}): name every source")
+            continue
+        control = [c for c in name if unicodedata.category(c) == "Cc"]
+        if control:
+            problems.append(f"source name {name!r} holds a control character (U+{ord(control[0]):04X}); rename it")
+        if "/" in name or "\\" in name:
+            problems.append(f"source name {name!r} holds a path separator; exports name files after sources, "
+                            f"rename it (e.g. {name.replace('/', '-').replace(chr(92), '-')!r})")
+        if name.casefold() in RESERVED_SOURCE_NAMES:
+            problems.append(f"source name {name!r} is reserved for the held-out set of that name: put held-out data "
+                            f"under data.validation or data.test, and give a training source another name (a source "
+                            f"called {name!r} would be exported into the mixture and reported as the held-out set)")
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            problems.append(f"source names {other!r} and {name!r} differ only in case; rename one")
+    return problems
+
+
 @dataclass
 class DataConfig:
     """``data:`` named training sources, the validation and test sets, the tokenizer, batching."""
@@ -495,6 +527,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # null: $SCALEBIO_CACHE or ~/.cache/scalebio
 
     def validate(self):
+        problems = source_name_problems(self.sources)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.seq_length < 2:
             raise ConfigError(f"seq_length must be at least 2, got {self.seq_length}")
         if self.batch_counts and self.sampling != "stratified":

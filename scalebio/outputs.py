@@ -105,6 +105,18 @@ class RunWriter:
             self._metrics.close()
 
 
+def column_labels(names: list, width: int = 12) -> list:
+    """One label of at most ``width`` characters per name, all different (the console table's
+    headers): the name when it fits, else its head and tail around ``~``, so names that share a
+    long prefix stay apart; labels that still collide get the name's position (``#2``)."""
+    tail = (width - 1) // 2
+    labels = [n if len(n) <= width else f"{n[:width - 1 - tail]}~{n[len(n) - tail:]}" for n in names]
+    while len(set(labels)) < len(labels):
+        counts = {lab: labels.count(lab) for lab in labels}
+        labels = [f"{lab[:width - len(str(i)) - 1]}#{i}" if counts[lab] > 1 else lab for i, lab in enumerate(labels)]
+    return labels
+
+
 def weights_table(source_names: list, initial: list, final: list, last: dict | None = None) -> str:
     """The table printed at the end of a run."""
     head = f"{'source':<20} {'initial pi':>10} {'final pi':>10}"

@@ -17,7 +17,7 @@ from typing import Optional
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
 from .data import RunData
-from .outputs import RunWriter, run_metadata, step_resources, weights_table
+from .outputs import RunWriter, column_labels, run_metadata, step_resources, weights_table
 from .plugins import Plugins
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
@@ -208,7 +208,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         bar = tqdm(total=cfg.run.steps, desc="scalebio", unit="step", dynamic_ncols=True, file=sys.stderr)
     log = bar.write if bar is not None else print
     if main:
-        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n:>12}" for n in column_labels(names, 12)))
     for step in range(cfg.run.steps):
         t0 = time.perf_counter()
         selection, changed = ctx.layers.select(step)
@@ -240,7 +240,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         _save_final(ctx)
     test = None
     if data.test is not None:  # the held-out test set, scored once with the final w
-        from .evaluate import evaluate_sets
+        from .scoring import evaluate_sets
 
         test = evaluate_sets(ctx, data, "w", sets=[("test", data.test)])["test"]
         writer.write_json("test.json", test)

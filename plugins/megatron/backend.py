@@ -260,7 +260,7 @@ class MegatronBackend(Backend):
         micro = micro_batches(self, train, "train") + micro_batches(self, val, "val")
         return run_schedule(self, self.replicas[model], micro, source_coef, val_token_coef, forward_only=False)
 
-    def evaluate(self, model, batch, num_sources=None) -> PassResult:
+    def evaluate(self, model, batch) -> PassResult:
         kind = "val" if bool((batch.source < 0).all()) else "train"
         with torch.no_grad():
             return run_schedule(self, self.replicas[model], micro_batches(self, batch, kind), None, 0.0,

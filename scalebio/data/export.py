@@ -4,7 +4,9 @@ Source k gets round(N * pi_k) examples, adjusted by largest remainders so that t
 exactly N. Examples are drawn without replacement while a source lasts: a source asked for more
 than it has gives every example once per full pass and a random subset for the rest. The mixture
 is shuffled with a fixed seed, the validation set optionally appended, and the records written as
-they are in the sources (same keys, same format), as JSONL or Parquet.
+they are in the sources (same keys, same format), as JSONL or Parquet, with the manifest
+``<stem>.mixture.json`` next to them (:mod:`.manifest`). ``--format megatron`` writes a Megatron
+blend instead (:mod:`.megatron_export`).
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import DataError
+from ..outputs import atomic_write
 from .cache import cache_root
+from .formats import DataError
+from .manifest import build_manifest, manifest_text
 from .prepare import data_sets
 from .sources import RecordReader
+
+FORMATS = ("jsonl", "parquet", "megatron")
 
 
 def read_weights(path) -> dict:
@@ -117,16 +123,12 @@ def write_records(records: list, out: Path, fmt: str) -> None:
             tmp.unlink()
 
 
-def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_validation: bool = False,
-                   fmt: str | None = None, overwrite: bool = False, say=print) -> dict:
-    """Write the mixture; returns the number of examples per source (and ``validation``)."""
-    out = Path(out)
-    if fmt is None:
-        fmt = "parquet" if out.suffix.lower() == ".parquet" else "jsonl"
-    if size < 1:
-        raise DataError(f"--size must be at least 1, got {size}")
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; give another --out or pass --overwrite")
+def manifest_path(out: Path) -> Path:
+    """The manifest next to a JSONL or Parquet mixture: ``mix.jsonl`` -> ``mix.mixture.json``."""
+    return out.with_name(f"{out.stem}.mixture.json")
+
+
+def _check_names(weights: dict, cfg) -> None:
     names = sorted(cfg.sources)
     missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
     if missing or extra:
@@ -134,6 +136,35 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
             ([f"weights for unknown sources {', '.join(extra)}"] if extra else [])
         raise DataError(f"the weights do not match the data YAML's sources: {'; '.join(problems)} "
                         f"(sources: {', '.join(names)}; weights: {', '.join(sorted(weights))})")
+
+
+def export_mixture(weights: dict, cfg, size: int | None, out, seed: int = 1234, with_validation: bool = False,
+                   fmt: str | None = None, overwrite: bool = False, say=print, weights_path=None) -> dict:
+    """Write the mixture and its manifest; returns the number of examples per source (and
+    ``validation``). ``weights_path`` (the weights.json read) goes into the manifest."""
+    out = Path(out)
+    if fmt is None:
+        fmt = "parquet" if out.suffix.lower() == ".parquet" else "jsonl"
+    if fmt not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    _check_names(weights, cfg)
+    if fmt == "megatron":
+        from .megatron_export import export_megatron
+
+        if size is not None:
+            say(f"note: --size {size} is not used by the megatron format: the blend holds every example, and "
+                f"Megatron's --train-samples (or train_iters x global batch) decides how many are drawn")
+        manifest = export_megatron(weights, cfg, out, seed=seed, with_validation=with_validation, overwrite=overwrite,
+                                   weights_path=weights_path, say=say)
+        return dict(manifest["samples"], **({"validation": manifest["validation"]} if with_validation else {}))
+    if size is None or size < 1:
+        raise DataError(f"--size must be at least 1, got {size}" if size is not None else
+                        f"--size is needed for the {fmt} format (examples in the mixture)")
+    manifest_file = manifest_path(out)
+    for path in (out, manifest_file):
+        if path.exists() and not overwrite:
+            raise DataError(f"{path} exists; give another --out or pass --overwrite")
+    names = sorted(cfg.sources)
     counts = mixture_counts(weights, size)
     total_pi = sum(weights.values())
     picked, rows = [], []
@@ -162,6 +193,11 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
         records += val
         result["validation"] = len(val)
     write_records(records, out, fmt)
+    manifest = build_manifest(fmt, cfg, weights, seed, samples=counts,
+                              available={name: available for name, _, _, available in rows},
+                              hf_cache=cache_root(cfg) / "hf", outputs=[out.name], weights_path=weights_path,
+                              size=size, validation=result.get("validation"))
+    atomic_write(manifest_file, manifest_text(manifest))
     say(f"{'source':<20} {'pi':>8} {'examples':>9} {'available':>10}  note")
     for name, pi, n, available in rows:
         note = "" if available is None or n <= available else f"{n / available:.2f} passes over the source"
@@ -169,5 +205,5 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
     say(f"{'total':<20} {'':>8} {size:>9}")
     if with_validation:
         say(f"+ validation set appended: {result['validation']} examples")
-    say(f"wrote {len(records)} records to {out} ({fmt}, shuffled with seed {seed})")
+    say(f"wrote {len(records)} records to {out} ({fmt}, shuffled with seed {seed}) and the manifest {manifest_file}")
     return result
