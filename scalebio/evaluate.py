@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .outputs import atomic_write
 
 
 def evaluate_sets(ctx, data, model: str = "w", progress: bool = False, sets=None) -> dict:
@@ -88,14 +89,30 @@ def eval_main(argv=None, prog: str = "scalebio eval") -> int:
     args = ap.parse_args(argv)
     req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config),
                      sets=("run.save_final=false",) + tuple(args.sets), load=args.load)
+    main = int(os.environ.get("RANK", "0")) == 0
     try:
+        if args.output and main:  # before any data is read or model built
+            _check_output(Path(args.output), args)
         result = evaluate(req)
+        if main:
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.output:
+                atomic_write(Path(args.output), text + "\n")
     except (ConfigError, DataError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
     return 0
+
+
+def _check_output(out: Path, args) -> None:
+    """--output: writable, and not one of the inputs (the data YAML, a config, the checkpoint)."""
+    from .config import ConfigError
+    from .outputs import check_output_path
+
+    check_output_path(out, "--output")
+    for given in [args.data, *args.config] + ([args.model] if args.model else []):
+        if Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise ConfigError(f"--output {out} is an input of the evaluation ({given}); give another file")
+    if out.resolve().is_relative_to(Path(args.load).resolve()):
+        raise ConfigError(f"--output {out} lies inside the checkpoint {args.load}; give a file elsewhere")
