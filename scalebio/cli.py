@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import COMMANDS
@@ -99,6 +100,10 @@ def cmd_prepare(args) -> int:
 
     if args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > 4 * cores:  # each worker holds a tokenizer: far more than the cores only costs memory
+        return _fail(f"--workers {args.workers}: this process may use {cores} CPU cores; give at most {cores} "
+                     f"(more than {4 * cores} is refused)")
 
     def action():
         cfg = load_data_config(args.data, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
@@ -128,7 +133,8 @@ def cmd_export(args) -> int:
 
     return _guarded(lambda: export_mixture(
         read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
-        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite, weights_path=args.weights))
+        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite, weights_path=args.weights,
+        inputs=(args.weights, args.data)))
 
 
 def run_main(argv=None) -> int:
