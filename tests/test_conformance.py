@@ -41,7 +41,7 @@ class Aliased(Weights):  # hands out its own tensor
 
 class GlobalRandom(LayerSelection):  # draws from global state: ranks would disagree
     def select(self, step):
-        return Selection({m: frozenset(random.sample(range(self.num_layers), 2)) for m in MODELS})
+        return Selection({m: frozenset(random.sample(range(self.num_layers), 2)) for m in MODELS}), True
 
 
 class Normalizing(MegatronBackend):  # rescales the coefficients: pi's scale never reaches the gradient
@@ -103,7 +103,7 @@ def test_broken_weights_are_caught(broken):
 
 
 def test_broken_layer_selection_is_caught(broken):
-    with pytest.raises(ConformanceError, match="same seed must draw the same layers"):
+    with pytest.raises(ConformanceError, match="must be a pure function of the step"):
         check_layer_selection("global_random")
     with pytest.raises(ConformanceError, match="does not take the layer selection role"):
         check_layer_selection("softmax")
