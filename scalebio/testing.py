@@ -124,40 +124,39 @@ def check_weights(name: str, options: dict | None = None, sources=("a", "b", "c"
 
 def check_layer_selection(name: str, options: dict | None = None, num_layers: int = 8, seed: int = 1234,
                           steps: int = 60) -> None:
-    """A layer selection: a :class:`~scalebio.roles.Selection` at step 0 with layers for u and w
-    (frozensets of indices in ``range(num_layers)``), the same draws from the same seed (every rank
-    must agree), and a ``state_dict`` from which a new instance continues exactly."""
+    """A layer selection: ``select(step)`` returns ``(Selection, changed)`` with layers for u and w
+    (frozensets of indices in ``range(num_layers)``) and ``changed`` True at step 0; between
+    switches the set in force does not change; and it is a pure function of the step: another
+    instance with the same seed gives the same answers (every rank draws for itself), asked in any
+    order (a resumed run asks for the set at its checkpoint first)."""
     cls = _role_class(name, "layer_selection")
     opts = _options(name, cls, options)
-
-    def draws(sel, start, stop):
-        return [sel.select(s) for s in range(start, stop)]
-
-    a = cls(opts, num_layers, seed)
-    first = a.select(0)
-    _check(isinstance(first, Selection), f"{name}: select(0) must return a Selection, got {first!r}")
-    b = cls(opts, num_layers, seed)
-    seq_a, seq_b = [first] + draws(a, 1, steps), draws(b, 0, steps)
-    _check(seq_a == seq_b, f"{name}: two instances with the same seed must draw the same layers at every step "
-                           f"(every rank draws for itself)")
-    for step, sel in enumerate(seq_a):
-        if sel is None:
-            continue
-        _check(isinstance(sel, Selection) and set(sel.layers) >= set(MODELS),
-               f"{name}: step {step}: a Selection must give layers for {', '.join(MODELS)}, got {sel!r}")
-        _check(isinstance(sel.keep_state, bool), f"{name}: step {step}: keep_state must be a bool")
+    answers = []
+    sel = cls(opts, num_layers, seed)
+    for step in range(steps):
+        got = sel.select(step)
+        _check(isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], Selection)
+               and isinstance(got[1], bool),
+               f"{name}: select({step}) must return (Selection, changed: bool), got {got!r}")
+        selection, changed = got
+        _check(set(selection.layers) >= set(MODELS),
+               f"{name}: step {step}: a Selection must give layers for {', '.join(MODELS)}, got {selection!r}")
+        _check(isinstance(selection.keep_state, bool), f"{name}: step {step}: keep_state must be a bool")
         for m in MODELS:
-            layers = sel.layers[m]
+            layers = selection.layers[m]
             _check(isinstance(layers, frozenset) and all(isinstance(i, int) and 0 <= i < num_layers for i in layers),
                    f"{name}: step {step}: layers of {m} must be a frozenset of indices in range({num_layers}), "
                    f"got {layers!r}")
-    half = steps // 2
-    c = cls(opts, num_layers, seed)
-    draws(c, 0, half)
-    resumed = cls(opts, num_layers, seed)
-    resumed.load_state_dict(_roundtrip(c.state_dict()))
-    _check(draws(resumed, half, steps) == draws(c, half, steps),
-           f"{name}: a new instance given the state_dict after step {half - 1} must continue with the same draws")
+        if step == 0:
+            _check(changed, f"{name}: select(0) must report a switch (changed=True): the backend applies it")
+        elif not changed:
+            _check(selection == answers[-1][0], f"{name}: step {step} is no switch (changed=False) but the set in "
+                                                f"force differs from step {step - 1}'s")
+        answers.append(got)
+    other = cls(opts, num_layers, seed)
+    backwards = [other.select(s) for s in reversed(range(steps))][::-1]
+    _check(backwards == answers, f"{name}: select(step) must be a pure function of the step: another instance "
+                                 f"with the same seed, asked from the last step down, answered differently")
 
 
 # --------------------------------------------------------------------------- backend and solver
