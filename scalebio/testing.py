@@ -125,34 +125,38 @@ def check_weights(name: str, options: dict | None = None, sources=("a", "b", "c"
 def check_layer_selection(name: str, options: dict | None = None, num_layers: int = 8, seed: int = 1234,
                           steps: int = 60) -> None:
     """A layer selection: ``select(step)`` returns ``(Selection, changed)`` with layers for u and w
-    (frozensets of indices in ``range(num_layers)``), ``changed`` True at step 0, and is a pure
-    function of the step: the same answer from a fresh instance (every rank draws for itself), in
-    any order of asking (a resumed run asks for its step first)."""
+    (frozensets of indices in ``range(num_layers)``) and ``changed`` True at step 0; between
+    switches the set in force does not change; and it is a pure function of the step: another
+    instance with the same seed gives the same answers (every rank draws for itself), asked in any
+    order (a resumed run asks for the set at its checkpoint first)."""
     cls = _role_class(name, "layer_selection")
     opts = _options(name, cls, options)
-
-    def draws(sel, order):
-        return {s: sel.select(s) for s in order}
-
-    a = cls(opts, num_layers, seed)
-    seq_a = draws(a, range(steps))
-    for step, answer in seq_a.items():
-        _check(isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[1], bool),
-               f"{name}: select({step}) must return (Selection, changed), got {answer!r}")
-        sel, changed = answer
-        _check(isinstance(sel, Selection) and set(sel.layers) >= set(MODELS),
-               f"{name}: step {step}: a Selection must give layers for {', '.join(MODELS)}, got {sel!r}")
-        _check(isinstance(sel.keep_state, bool), f"{name}: step {step}: keep_state must be a bool")
+    answers = []
+    sel = cls(opts, num_layers, seed)
+    for step in range(steps):
+        got = sel.select(step)
+        _check(isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], Selection)
+               and isinstance(got[1], bool),
+               f"{name}: select({step}) must return (Selection, changed: bool), got {got!r}")
+        selection, changed = got
+        _check(set(selection.layers) >= set(MODELS),
+               f"{name}: step {step}: a Selection must give layers for {', '.join(MODELS)}, got {selection!r}")
+        _check(isinstance(selection.keep_state, bool), f"{name}: step {step}: keep_state must be a bool")
         for m in MODELS:
-            layers = sel.layers[m]
+            layers = selection.layers[m]
             _check(isinstance(layers, frozenset) and all(isinstance(i, int) and 0 <= i < num_layers for i in layers),
                    f"{name}: step {step}: layers of {m} must be a frozenset of indices in range({num_layers}), "
                    f"got {layers!r}")
-    _check(seq_a[0][1], f"{name}: select(0) must report changed=True (the first trainable set is a switch)")
-    b = cls(opts, num_layers, seed)
-    _check(draws(b, reversed(range(steps))) == seq_a,
-           f"{name}: select must be a pure function of the step: a second instance with the same seed, asked "
-           f"in another order, must give the same answers (every rank and every resumed run draws for itself)")
+        if step == 0:
+            _check(changed, f"{name}: select(0) must report a switch (changed=True): the backend applies it")
+        elif not changed:
+            _check(selection == answers[-1][0], f"{name}: step {step} is no switch (changed=False) but the set in "
+                                                f"force differs from step {step - 1}'s")
+        answers.append(got)
+    other = cls(opts, num_layers, seed)
+    backwards = [other.select(s) for s in reversed(range(steps))][::-1]
+    _check(backwards == answers, f"{name}: select(step) must be a pure function of the step: another instance "
+                                 f"with the same seed, asked from the last step down, answered differently")
 
 
 # --------------------------------------------------------------------------- backend and solver

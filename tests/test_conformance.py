@@ -44,6 +44,17 @@ class GlobalRandom(LayerSelection):  # draws from global state: ranks would disa
         return Selection({m: frozenset(random.sample(range(self.num_layers), 2)) for m in MODELS}), True
 
 
+class Stateful(LayerSelection):  # remembers what it drew: a resumed run would get another set
+    def __init__(self, options, num_layers, seed):
+        super().__init__(options, num_layers, seed)
+        self.calls = 0
+
+    def select(self, step):
+        self.calls += 1
+        layers = frozenset({self.calls % self.num_layers})
+        return Selection({m: layers for m in MODELS}), True
+
+
 class Normalizing(MegatronBackend):  # rescales the coefficients: pi's scale never reaches the gradient
     def forward_backward(self, model, train, source_coef, val=None, val_token_coef=0.0):
         return super().forward_backward(model, train, source_coef / source_coef.sum(), val, val_token_coef)
@@ -59,6 +70,7 @@ class NoLossU(Minimax):  # forgets a key the run loop reads
 ascent = type("m", (), {"scalebio_weights": hookimpl(lambda: Ascent)})
 aliased = type("m", (), {"scalebio_weights": hookimpl(lambda: Aliased)})
 global_random = type("m", (), {"scalebio_layer_selection": hookimpl(lambda: GlobalRandom)})
+stateful = type("m", (), {"scalebio_layer_selection": hookimpl(lambda: Stateful)})
 normalizing = type("m", (), {"scalebio_backend": hookimpl(lambda: Normalizing)})
 no_loss_u = type("m", (), {"scalebio_solver": hookimpl(lambda: NoLossU)})
 '''
@@ -71,7 +83,7 @@ def broken(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = list(importlib.metadata.entry_points(group="scalebio"))
     eps += [importlib.metadata.EntryPoint(n, f"broken_plugins:{n}", "scalebio")
-            for n in ("ascent", "aliased", "global_random", "normalizing", "no_loss_u")]
+            for n in ("ascent", "aliased", "global_random", "stateful", "normalizing", "no_loss_u")]
     real = scalebio.plugins.discover
     monkeypatch.setattr(scalebio.plugins, "discover", lambda entry_points=None: real(eps))
 
@@ -103,8 +115,9 @@ def test_broken_weights_are_caught(broken):
 
 
 def test_broken_layer_selection_is_caught(broken):
-    with pytest.raises(ConformanceError, match="must be a pure function of the step"):
-        check_layer_selection("global_random")
+    for broken_name in ("global_random", "stateful"):
+        with pytest.raises(ConformanceError, match="must be a pure function of the step"):
+            check_layer_selection(broken_name)
     with pytest.raises(ConformanceError, match="does not take the layer selection role"):
         check_layer_selection("softmax")
 
