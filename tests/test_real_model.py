@@ -184,7 +184,7 @@ def test_lisa_bilevel_steps(smollm2, experiment_data, precision, tmp_path):
                      plugins=("lisa", "simplex"), sets=sets)
     with open_run(prepare(req), verbose=False) as (ctx, data):
         backend = ctx.backend
-        sel = ctx.layers.select(0)
+        sel, _ = ctx.layers.select(0)
         for m in ("u", "w"):
             backend.set_trainable(m, sel.layers[m], sel.keep_state)
         before = {m: _snapshot(backend.replicas[m]) for m in ("u", "w")}
