@@ -458,7 +458,8 @@ class DataConfig:
     tokenizer: Optional[TokenizerConfig] = None
     seq_length: int = 1024
     packing: bool = False  # several samples per row, with per-sample boundaries kept
-    sampling: Literal["uniform", "stratified"] = "uniform"
+    # weighted: rows drawn with pi as sampling probabilities (scalebio train), not weighted in the loss
+    sampling: Literal["uniform", "stratified", "weighted"] = "uniform"
     batch_counts: dict[str, int] = field(default_factory=dict)  # stratified: samples per source per batch
     on_error: Literal["error", "skip"] = "error"  # a malformed record: stop, or skip and count it
     overlap: Literal["error", "warn"] = "error"  # validation/test examples duplicated in a training source

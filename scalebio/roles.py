@@ -127,6 +127,7 @@ class RunContext:
     weights: Optional["Weights"] = None
     layers: Optional["LayerSelection"] = None
     solver: Optional["Solver"] = None
+    data: Any = None  # scalebio.data.RunData: the sources, validation and test sets of the run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -273,12 +274,18 @@ class Solver(Role):
     #: the model copies this solver trains; the backend builds only these (a plain fine-tuning
     #: solver needs just ``("w",)``)
     models: tuple = MODELS
+    #: whether a run needs ``data.validation`` (the bilevel objective does); without one,
+    #: ``step`` gets ``val_batch=None``
+    needs_validation: bool = True
+    #: the ``data.sampling`` modes this solver accepts. ``weighted`` draws rows by pi, so a solver
+    #: that also weights the loss by pi (as the bilevel ones do) must not accept it
+    sampling: tuple = ("uniform", "stratified")
 
     def __init__(self, options, run: RunContext):
         self.options = options
         self.run = run
 
-    def step(self, step: int, batch: Batch, val_batch: Batch) -> dict:
+    def step(self, step: int, batch: Batch, val_batch: Optional[Batch]) -> dict:
         """Run step ``step`` on the train batch and a fresh validation batch; return metrics."""
         raise NotImplementedError
 

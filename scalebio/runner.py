@@ -16,7 +16,7 @@ from typing import Optional
 
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
-from .data import RunData
+from .data import DataError, RunData
 from .outputs import RunWriter, run_metadata, step_resources, weights_table
 from .plugins import Plugins
 from .roles import MODELS, RunContext, options_dict
@@ -111,6 +111,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
         config = parse_layers(layers, set(infos))
     classes = {role: plugins.role_class(role) for role in plugins.selected}
     options = {role: config.plugin_options(cls.plugin_name, cls.Options) for role, cls in classes.items()}
+    _check_solver_data(config, classes["solver"])
     # sections of installed plugins not in this run are still checked, so a typo is not ignored
     for name, section in config.sections.items():
         if name in plugins.selected.values():
@@ -120,6 +121,16 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
             cls = getattr(info.plugin, f"scalebio_{info.roles[0]}")()
             config.plugin_options(name, cls.Options)
     return Prepared(config, plugins, classes, options, demo)
+
+
+def _check_solver_data(cfg: RunConfig, solver) -> None:
+    """What the solver needs of the data: a validation set, a sampling mode it accepts."""
+    name = solver.plugin_name
+    if cfg.data.validation is None and solver.needs_validation:
+        raise DataError(f"data.validation is not set: the {name} solver needs a validation set")
+    if cfg.data.sampling not in solver.sampling:
+        raise ConfigError(f"{cfg.layers.where(('data', 'sampling'))}: data.sampling={cfg.data.sampling} does not "
+                          f"work with the {name} solver; it accepts {', '.join(solver.sampling)}")
 
 
 def resolved_config(p: Prepared) -> dict:
@@ -156,13 +167,16 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
     ctx = RunContext(config=cfg, source_names=names, out_dir=None, hooks=p.plugins.hook)
     # the backend checks layout, checkpoint and memory before any data is read; it builds nothing yet
     ctx.backend = p.classes["backend"](p.options["backend"], ctx)
+    # the weights need only the source names: bad weights fail here, before data and models
+    ctx.weights = p.classes["weights"](p.options["weights"], names)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
     data = RunData(cfg.data, tokenizer, cfg.run.seed, global_batch=cfg.run.global_batch,
-                   progress=say and cfg.run.progress)
+                   progress=say and cfg.run.progress, sampling_probs=ctx.weights.probs)
     assert data.source_names == names
+    ctx.data = data
     out_dir = _out_dir(cfg, overwrite) if main else None
     if say and p.demo:
         print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
@@ -175,7 +189,6 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
         ctx.backend.setup(models)
         # every rank must agree on the directory (checkpoints are written by all of them)
         ctx.out_dir = Path(ctx.backend.broadcast_object(str(out_dir) if main else None))
-        ctx.weights = p.classes["weights"](p.options["weights"], names)
         ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers,
                                                   cfg.run.seed)
         ctx.solver = p.classes["solver"](p.options["solver"], ctx)
@@ -231,7 +244,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         bar.close()
     final = ctx.weights.probs().tolist()
     tail = records[-max(1, len(records) // 10):]
-    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")}
+    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")
+            if all(key in r for r in tail)}  # a one-model solver reports only w
     writer.finish(cfg.run.steps, final, {"val_loss": ([r["step"] for r in records],
                                                       [r["val_loss"] for r in records])})
     if cfg.run.save_final:
