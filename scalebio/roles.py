@@ -171,6 +171,11 @@ class Weights(Role):
         """
         raise NotImplementedError
 
+    def output(self) -> torch.Tensor:
+        """The weights the run reports at the end (``weights.json``): by default the current pi;
+        a method that averages its iterates (DoReMi) returns the average."""
+        return self.probs()
+
 
 class LayerSelection(Role):
     """Which decoder layers of u and w train at each step."""
@@ -238,6 +243,12 @@ class Backend(Role):
 
     def evaluate(self, model: str, batch: Batch, num_sources: int) -> PassResult:
         """Forward only: the statistics of ``batch`` under ``model``."""
+        raise NotImplementedError
+
+    def token_losses(self, model: str, batch: Batch) -> torch.Tensor:
+        """Forward only: the cross-entropy of every target of ``batch`` under ``model``, float32
+        ``[len(batch), seq_length]``, 0 where ``loss_mask`` is 0, on the CPU and identical on every
+        rank (the DoReMi solver's per-token excess loss needs it)."""
         raise NotImplementedError
 
     def optimizer_step(self, model: str, lr: float, clip_grad: float) -> dict:

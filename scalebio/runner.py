@@ -242,7 +242,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
             log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
     if bar is not None:
         bar.close()
-    final = ctx.weights.probs().tolist()
+    final = ctx.weights.output().tolist()
     tail = records[-max(1, len(records) // 10):]
     last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")
             if all(key in r for r in tail)}  # a one-model solver reports only w
