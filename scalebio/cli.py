@@ -1,5 +1,5 @@
 """Command line: ``scalebio run|plugins|models [fetch NAME]|prepare|export|eval`` here, and the subcommands
-of :mod:`scalebio.commands` (convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
+of :mod:`scalebio.commands` (train, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
 ``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
 ``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
 ``scalebio convert``, ``tools/plan.py`` ``scalebio plan``, ``tools/bench.py`` ``scalebio bench``."""
@@ -74,16 +74,26 @@ def cmd_fetch(args) -> int:
                     "interrupted (nothing half-written is left in the cache)")
 
 
+def names(text: str) -> tuple:
+    """``a,b`` -> ``("a", "b")``."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def run_request(args):
+    """The RunRequest of parsed :func:`add_run_arguments` (``scalebio run`` and ``scalebio train``)."""
+    from .runner import RunRequest
+
+    return RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
+                      plugins=names(args.plugins), steps=args.steps, out=args.out, seed=args.seed,
+                      overwrite=args.overwrite, tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
+
+
 def cmd_run(args) -> int:
     if args.list_plugins:
         return cmd_plugins()
-    from .runner import RunRequest, run
+    from .runner import run
 
-    req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
-                     plugins=tuple(p.strip() for p in args.plugins.split(",") if p.strip()),
-                     steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite,
-                     tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
-    return _guarded(lambda: run(req))
+    return _guarded(lambda: run(run_request(args)))
 
 
 def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:

@@ -616,7 +616,8 @@ class DataConfig:
     tokenizer: Optional[TokenizerConfig] = None
     seq_length: int = 1024
     packing: bool = False  # several samples per row, with per-sample boundaries kept
-    sampling: Literal["uniform", "stratified"] = "uniform"
+    # weighted: rows drawn with pi as sampling probabilities (scalebio train), not weighted in the loss
+    sampling: Literal["uniform", "stratified", "weighted"] = "uniform"
     batch_counts: dict[str, int] = field(default_factory=dict)  # stratified: samples per source per batch
     on_error: Literal["error", "skip"] = "error"  # a malformed record: stop, or skip and count it
     # a record whose response is empty (only EOS or the end-of-turn marker would be supervised)

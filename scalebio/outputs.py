@@ -224,17 +224,16 @@ def column_labels(names: list, width: int = 12) -> list:
 def weights_table(source_names: list, initial: list, final: list, last: dict | None = None) -> str:
     """The table printed at the end of a run."""
     head = f"{'source':<20} {'initial pi':>10} {'final pi':>10}"
-    if last:
-        head += f" {'loss u':>9} {'loss w':>9}"
+    keys = [k for k in ("loss_u", "loss_w") if k in (last or {})]  # a one-model solver has only w
+    head += "".join(f" {'loss ' + k[-1]:>9}" for k in keys)
     lines = [head, "-" * len(head)]
     order = sorted(range(len(source_names)), key=lambda i: -final[i])
     for i in order:
         name = source_names[i]
         row = f"{name:<20} {initial[i]:>10.4f} {final[i]:>10.4f}"
-        if last:
-            lu, lw = last["loss_u"].get(name), last["loss_w"].get(name)
-            row += f" {lu:>9.4f}" if lu is not None else f" {'-':>9}"
-            row += f" {lw:>9.4f}" if lw is not None else f" {'-':>9}"
+        for k in keys:
+            v = last[k].get(name)
+            row += f" {v:>9.4f}" if v is not None else f" {'-':>9}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -131,6 +131,7 @@ class RunContext:
     weights: Optional["Weights"] = None
     layers: Optional["LayerSelection"] = None
     solver: Optional["Solver"] = None
+    data: Any = None  # scalebio.data.RunData: the sources, validation and test sets of the run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -173,6 +174,11 @@ class Weights(Role):
         multiplied into the plugin's own learning rate.
         """
         raise NotImplementedError
+
+    def output(self) -> torch.Tensor:
+        """The weights the run reports at the end (``weights.json``): by default the current pi;
+        a method that averages its iterates (DoReMi) returns the average."""
+        return self.probs()
 
 
 class LayerSelection(Role):
@@ -252,6 +258,12 @@ class Backend(Role):
         training rows gives the per-source ``loss_sum`` and ``count``."""
         raise NotImplementedError
 
+    def token_losses(self, model: str, batch: Batch) -> torch.Tensor:
+        """Forward only: the cross-entropy of every target of ``batch`` under ``model``, float32
+        ``[len(batch), seq_length]``, 0 where ``loss_mask`` is 0, on the CPU and identical on every
+        rank (the DoReMi solver's per-token excess loss needs it)."""
+        raise NotImplementedError
+
     def optimizer_step(self, model: str, lr: float, clip_grad: float) -> dict:
         """Clip (``clip_grad`` > 0), step ``model``'s optimizer at ``lr`` and zero its gradients.
         Returns at least ``grad_norm`` (before clipping)."""
@@ -291,12 +303,18 @@ class Solver(Role):
     #: the model copies this solver trains; the backend builds only these (a plain fine-tuning
     #: solver needs just ``("w",)``)
     models: tuple = MODELS
+    #: whether a run needs ``data.validation`` (the bilevel objective does); without one,
+    #: ``step`` gets ``val_batch=None``
+    needs_validation: bool = True
+    #: the ``data.sampling`` modes this solver accepts. ``weighted`` draws rows by pi, so a solver
+    #: that also weights the loss by pi (as the bilevel ones do) must not accept it
+    sampling: tuple = ("uniform", "stratified")
 
     def __init__(self, options, run: RunContext):
         self.options = options
         self.run = run
 
-    def step(self, step: int, batch: Batch, val_batch: Batch) -> dict:
+    def step(self, step: int, batch: Batch, val_batch: Optional[Batch]) -> dict:
         """Run step ``step`` on the train batch and a fresh validation batch; return the step's
         metrics, which go into ``metrics.jsonl``: at least the keys of :data:`SOLVER_METRICS`
         (the run loop reads them), plus any others (JSON-serialisable)."""

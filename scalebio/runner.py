@@ -16,7 +16,7 @@ from typing import Optional
 
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
-from .data import RunData
+from .data import DataError, RunData
 from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
                       weights_table)
 from .plugins import Plugins
@@ -116,6 +116,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
         config = parse_layers(layers, set(infos))
     classes = {role: plugins.role_class(role) for role in plugins.selected}
     options = {role: config.plugin_options(cls.plugin_name, cls.Options) for role, cls in classes.items()}
+    _check_solver_data(config, classes["solver"])
     # sections of installed plugins not in this run are still checked, so a typo is not ignored
     for name, section in config.sections.items():
         if name in plugins.selected.values():
@@ -125,6 +126,16 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
             cls = getattr(info.plugin, f"scalebio_{info.roles[0]}")()
             config.plugin_options(name, cls.Options)
     return Prepared(config, plugins, classes, options, demo)
+
+
+def _check_solver_data(cfg: RunConfig, solver) -> None:
+    """What the solver needs of the data: a validation set, a sampling mode it accepts."""
+    name = solver.plugin_name
+    if cfg.data.validation is None and solver.needs_validation:
+        raise DataError(f"data.validation is not set: the {name} solver needs a validation set")
+    if cfg.data.sampling not in solver.sampling:
+        raise ConfigError(f"{cfg.layers.where(('data', 'sampling'))}: data.sampling={cfg.data.sampling} does not "
+                          f"work with the {name} solver; it accepts {', '.join(solver.sampling)}")
 
 
 def resolved_config(p: Prepared) -> dict:
@@ -167,10 +178,11 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
     data = RunData(cfg.data, tokenizer, cfg.run.seed, global_batch=cfg.run.global_batch,
-                   progress=say and cfg.run.progress)
+                   progress=say and cfg.run.progress, sampling_probs=ctx.weights.probs)
     assert data.source_names == names
     if main and overwrite:
         clear_run_outputs(out_dir)  # only now that the run is known to start
+    ctx.data = data
     if say and p.demo:
         print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
               "Python's documentation, two of them corrupted).")
@@ -237,9 +249,10 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
             log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
     if bar is not None:
         bar.close()
-    final = ctx.weights.probs().tolist()
+    final = ctx.weights.output().tolist()
     tail = records[-max(1, len(records) // 10):]
-    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")}
+    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")
+            if all(key in r for r in tail)}  # a one-model solver reports only w
     writer.finish(cfg.run.steps, final, {"val_loss": ([r["step"] for r in records],
                                                       [r["val_loss"] for r in records])})
     if cfg.run.save_final:
