@@ -7,10 +7,8 @@ from scalebio.roles import MODELS, LayerSelection, Selection
 
 class Full(LayerSelection):
     def select(self, step: int):
-        if step != 0:
-            return None
         every = frozenset(range(self.num_layers))
-        return Selection({m: every for m in MODELS}, keep_state=True)
+        return Selection({m: every for m in MODELS}, keep_state=True), step == 0
 
 
 @hookimpl

@@ -53,11 +53,10 @@ class Lisa(LayerSelection):
         return frozenset(int(i) for i in rng.choice(self.num_layers, size=self.options.gamma, replace=False))
 
     def select(self, step: int):
-        if step % self.options.interval:
-            return None
+        drawn_at = step - step % self.options.interval  # the last draw, at or before ``step``
         shared = self.options.draw == "shared"
-        layers = {m: self.draw(step, 0 if shared else i + 1) for i, m in enumerate(MODELS)}
-        return Selection(layers, keep_state=self.options.optimizer_state == "keep")
+        layers = {m: self.draw(drawn_at, 0 if shared else i + 1) for i, m in enumerate(MODELS)}
+        return Selection(layers, keep_state=self.options.optimizer_state == "keep"), drawn_at == step
 
 
 @hookimpl

@@ -1,17 +1,23 @@
-"""Command line: ``scalebio run|eval|plugins|models|prepare|export`` (``tools/run.py`` is ``scalebio run``,
-``tools/evaluate.py`` is ``scalebio eval``, ``tools/prepare_data.py`` is ``scalebio prepare``,
-``tools/export_mixture.py`` is ``scalebio export``)."""
+"""Command line: ``scalebio run|plugins|models|prepare|export|eval`` here, and the subcommands of
+:mod:`scalebio.commands` (convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
+``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
+``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
+``scalebio convert``, ``tools/plan.py`` ``scalebio plan``, ``tools/bench.py`` ``scalebio bench``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
+from .commands import COMMANDS
+from .commands import fail as _fail
+from .commands import guarded as _guarded
+from .commands import module as _command_module
 
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plugins", default="", metavar="A,B",
-                    help="plugins to use, comma-separated (one per role; defaults: minimax, full, softmax, megatron)")
+                    help="plugins to use, comma-separated: one per role (defaults: minimax, full, softmax, "
+                         "megatron) and any observers (tensorboard, wandb; off unless named)")
     ap.add_argument("--model", default=None, metavar="NAME",
                     help="a model in model_configs/ (see `scalebio models`) or a model YAML file (default: tiny)")
     ap.add_argument("--data", default=None, metavar="DATA.yaml",
@@ -34,11 +40,6 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--list-plugins", action="store_true", help="list installed plugins and exit")
 
 
-def _fail(msg: str, code: int = EXIT_USAGE) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
-
-
 def cmd_plugins() -> int:
     from .plugins import discover, format_table
 
@@ -52,25 +53,6 @@ def cmd_models() -> int:
     print(f"model configs in {model_configs_dir()}:")
     for name in available_models():
         print(f"  {name}")
-    return 0
-
-
-def _guarded(action, interrupted: str = "interrupted") -> int:
-    """Run ``action``; bad input and a non-finite run become a message and an exit code, not a traceback."""
-    from .config import ConfigError
-    from .data import DataError
-    from .plugins import PluginError
-    from .roles import NonFiniteError
-
-    try:
-        action()
-    except (ConfigError, DataError, PluginError) as exc:
-        return _fail(str(exc))
-    except NonFiniteError as exc:
-        return _fail(str(exc), EXIT_NONFINITE)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
     return 0
 
 
@@ -144,14 +126,18 @@ def main(argv=None) -> int:
     add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of "
                                                          "a run"))
     add_export_arguments(sub.add_parser("export", help="write a reweighted mixture from a run's weights.json"))
-    sub.add_parser("eval", help="token-mean loss of a checkpoint per source and on validation, as JSON",
-                   add_help=False)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:  # its own parser: see scalebio/evaluate.py
-        from .evaluate import eval_main
+    from . import evaluate
 
-        return eval_main(argv[1:])
+    evaluate.add_arguments(sub.add_parser("eval", help=evaluate.HELP))
+    for name in COMMANDS:  # scalebio/commands/: convert, plan, bench, ...
+        mod = _command_module(name)
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__.replace("``", ""),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
     args = ap.parse_args(argv)
+    if args.command in COMMANDS:
+        return _command_module(args.command).main(args)
+    if args.command == "eval":
+        return evaluate.main(args)
     if args.command == "plugins":
         return cmd_plugins()
     if args.command == "models":

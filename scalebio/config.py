@@ -13,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -345,7 +345,8 @@ class ModelConfig:
     """``model:`` the architecture, named as megatron-core's TransformerConfig / GPTModel arguments."""
 
     name: str = "unnamed"
-    family: str = "qwen2"  # qwen2, llama, mistral, gpt2 ... (conversion uses it)
+    # the architecture family (plugins/megatron/families/): qwen2, llama, mistral, gpt2, gemma2, gpt_neox
+    family: str = "qwen2"
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -356,23 +357,39 @@ class ModelConfig:
     max_sequence_length: int = 2048
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     layernorm_epsilon: float = 1e-6
-    activation: Literal["swiglu", "gelu", "gelu_tanh", "silu"] = "swiglu"
+    # norms compute x / rms(x) * (1 + weight), weights starting at 0 (Gemma)
+    layernorm_zero_centered_gamma: bool = False
+    # swiglu / geglu_tanh: gated (SiLU / tanh-GELU of the gate times the up projection)
+    activation: Literal["swiglu", "geglu_tanh", "gelu", "gelu_tanh", "silu"] = "swiglu"
     add_qkv_bias: bool = False
     add_bias_linear: bool = False
+    # attention and MLP both read the layer input: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J)
+    parallel_residual: bool = False
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     share_embeddings_and_output_weights: bool = False
-    # Llama-3.1 RoPE scaling ("rope_type": "llama3" in config.json); megatron-core's GPTModel args
-    # plus the three it hard-codes (1, 4, 8192), which the backend applies as given
+    # the embedding output is multiplied by this (Gemma: sqrt(hidden_size)); null = 1
+    embedding_multiplier: Optional[float] = None
+    # RoPE scaling: megatron-core's GPTModel args (its llama3 type) plus transformers' linear type and
+    # the three llama3 parameters megatron-core hard-codes (1, 4, 8192), which the backend applies as given
     rope_scaling: bool = False
+    rope_scaling_type: Literal["llama3", "linear"] = "llama3"
     rope_scaling_factor: float = 8.0
     rope_scaling_low_freq_factor: float = 1.0
     rope_scaling_high_freq_factor: float = 4.0
     rope_scaling_original_max_position_embeddings: int = 8192
-    # sliding-window attention (Mistral v0.1): (left, right) tokens each query sees, as
-    # megatron-core's TransformerConfig.window_size; null = full causal attention
+    # attention scores are q.k * softmax_scale; null = 1/sqrt(head dim) (Gemma-2: query_pre_attn_scalar^-0.5)
+    softmax_scale: Optional[float] = None
+    # sliding-window attention: (left, right) tokens each query sees, as megatron-core's
+    # TransformerConfig.window_size; null = full causal attention
     window_size: Optional[tuple[int, int]] = None
+    # which layers use the window, as megatron-core's window_attn_skip_freq: null = every layer; N = all
+    # but every N-th layer (1-based); a list of 1 (window) / 0 (full) per layer
+    window_attn_skip_freq: Optional[Union[int, list[int]]] = None
+    # tanh soft-capping cap * tanh(x / cap) of the attention scores and of the final logits (Gemma-2)
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
     init_method_std: float = 0.02
     # the published checkpoint this config describes (e.g. Qwen/Qwen2.5-32B): a run then needs --load
     hf_name: Optional[str] = None
@@ -388,12 +405,24 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                               f"{self.num_attention_heads}; set kv_channels")
-        if self.rope_scaling and self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
+        if self.rope_scaling and self.rope_scaling_type == "llama3" and \
+                self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
             raise ConfigError(f"rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor} must be larger "
                               f"than rope_scaling_low_freq_factor={self.rope_scaling_low_freq_factor}")
         if self.window_size is not None and (self.window_size[0] < 0 or self.window_size[1] != 0):
             raise ConfigError(f"window_size={list(self.window_size)}: give [left, 0] with left >= 0 "
                               f"(causal attention sees no token to the right)")
+        freq = self.window_attn_skip_freq
+        if isinstance(freq, list) and (len(freq) != self.num_layers or set(freq) - {0, 1}):
+            raise ConfigError(f"window_attn_skip_freq={freq}: give one 1 (window) or 0 (full attention) per "
+                              f"layer, {self.num_layers} in all")
+        if isinstance(freq, int) and freq < 1:
+            raise ConfigError(f"window_attn_skip_freq={freq} must be at least 1")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "softmax_scale", "embedding_multiplier"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be positive (or null)")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"rotary_percent={self.rotary_percent} must be in (0, 1]")
 
 
 FORMATS = ("text", "prompt_response", "alpaca", "sharegpt", "messages")

@@ -1,51 +1,24 @@
 """``scalebio eval`` / ``tools/evaluate.py``: the token-mean loss of a checkpoint on every source
 and on the validation set, printed as JSON.
 
-The loss of a set is the sum of the cross-entropy over all its supervised tokens divided by their
-number (not a mean of per-sample means), so ``exp(loss)`` is the set's perplexity. Every sample of
-every set is used once, through the same backend, layout and data pipeline as a run (any TP/PP
-under torchrun), so the numbers are comparable with ``transformers`` on the converted model.
+The numbers come from :func:`scalebio.scoring.evaluate_sets` (token-mean cross-entropy over every
+supervised token of a set; ``exp(loss)`` is its perplexity), through the same backend, layout and
+data pipeline as a run (any TP/PP under torchrun), so they are comparable with ``transformers``
+on the converted model.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
+from .scoring import evaluate_sets
 
+__all__ = ["evaluate", "evaluate_sets", "add_arguments", "main", "eval_main"]
 
-def evaluate_sets(ctx, data, model: str = "w", progress: bool = False, sets=None) -> dict:
-    """{set name: {"loss", "perplexity", "tokens", "samples"}}, by default for every source and
-    "validation" (and "test" when the data has one)."""
-    if sets is None:
-        sets = [(t.name, t) for t in data.train] + [("validation", data.val)]
-        if data.test is not None:
-            sets.append(("test", data.test))
-    n = ctx.config.run.global_batch  # the layout check guarantees it splits into micro-batches on every rank
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(t.samples) for _, t in sets), desc="eval", unit="sample", file=sys.stderr)
-    out = {}
-    for name, tset in sets:
-        loss_sum, tokens = 0.0, 0.0
-        for batch in data.ordered_batches(tset, n):
-            result = ctx.backend.evaluate(model, batch)
-            loss_sum += result.val_loss_sum
-            tokens += result.val_tokens
-            if bar is not None:
-                bar.update(int((batch.loss_mask.sum(1) > 0).sum()))
-        loss = loss_sum / tokens if tokens else None
-        out[name] = {"loss": loss, "perplexity": math.exp(loss) if loss is not None else None,
-                     "tokens": int(tokens), "samples": len(tset.samples)}
-    if bar is not None:
-        bar.close()
-    return out
+HELP = "token-mean loss of a checkpoint per source and on validation, as JSON"
 
 
 def evaluate(req) -> dict:
@@ -58,7 +31,7 @@ def evaluate(req) -> dict:
         cfg = prepared.config
         with open_run(prepared, verbose=False, models=("w",)) as (ctx, data):  # one copy is enough
             sets = evaluate_sets(ctx, data, progress=cfg.run.progress)
-            layout = ctx.backend.layout if hasattr(ctx.backend, "layout") else None
+            layout = getattr(ctx.backend, "layout", None)
     result = {"checkpoint": cfg.run.load, "model": cfg.model.name,
               "sources": {k: v for k, v in sets.items() if k not in ("validation", "test")},
               "validation": sets["validation"]}
@@ -69,15 +42,9 @@ def evaluate(req) -> dict:
     return result
 
 
-def eval_main(argv=None, prog: str = "scalebio eval") -> int:
-    from .config import ConfigError
-    from .data import DataError
-    from .plugins import PluginError
-    from .runner import RunRequest
-
-    ap = argparse.ArgumentParser(prog=prog, description="Token-mean loss of a checkpoint per source and on "
-                                                        "validation, as JSON.")
-    ap.add_argument("--load", required=True, metavar="CKPT_DIR", help="a scalebio checkpoint (tools/convert.py)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--load", required=True, metavar="CKPT_DIR",
+                    help="a scalebio checkpoint (scalebio convert hf-to-megatron, or a run's final/w)")
     ap.add_argument("--data", required=True, metavar="DATA.yaml",
                     help="sources and validation set (the tokenizer defaults to the checkpoint's)")
     ap.add_argument("--model", default=None, metavar="NAME", help="model config (default: the checkpoint's)")
@@ -85,17 +52,27 @@ def eval_main(argv=None, prog: str = "scalebio eval") -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="e.g. --set megatron.tp=2 --set run.global_batch=16")
     ap.add_argument("--output", default=None, metavar="FILE.json", help="also write the JSON here")
-    args = ap.parse_args(argv)
+
+
+def main(args) -> int:
+    from .commands import guarded
+    from .runner import RunRequest
+
     req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config),
                      sets=("run.save_final=false",) + tuple(args.sets), load=args.load)
-    try:
+
+    def action():
         result = evaluate(req)
-    except (ConfigError, DataError, PluginError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
-    return 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.output:
+                Path(args.output).write_text(text + "\n")
+
+    return guarded(action)
+
+
+def eval_main(argv=None, prog: str = "scalebio eval") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=HELP[0].upper() + HELP[1:] + ".")
+    add_arguments(ap)
+    return main(ap.parse_args(argv))

@@ -4,9 +4,13 @@ so a crash or kill never leaves a half-written one."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib.metadata
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -117,3 +121,108 @@ def weights_table(source_names: list, initial: list, final: list, last: dict | N
             row += f" {lw:>9.4f}" if lw is not None else f" {'-':>9}"
         lines.append(row)
     return "\n".join(lines)
+
+
+# keys of a metrics record that are not curves: the step itself, and the layer indices of a switch
+_NOT_SCALARS = {"step", "trainable_layers"}
+
+
+def scalars(record: dict, prefix: str = "") -> dict:
+    """Every number of a metrics record as ``{name: float}``, nesting joined by ``/`` (``pi/clean``,
+    ``loss_u/clean``) and lists of numbers by rank (``peak_memory_bytes/rank0``): what the logging
+    plugins plot. None (a source absent from the batch) and booleans are left out."""
+    out = {}
+    for key, value in record.items():
+        if not prefix and key in _NOT_SCALARS:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{name}/"))
+        elif isinstance(value, list):
+            out.update({f"{name}/rank{i}": float(v) for i, v in enumerate(value)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------- run metadata
+
+
+def _version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(root: Path, *args) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_commit() -> dict:
+    """The git commit of the scalebio checkout this code runs from (an editable install), with
+    whether it has uncommitted changes; empty for an installed wheel. The checkout must be the
+    repository itself: a wheel installed in a virtual environment inside some other repository
+    does not count."""
+    root = Path(__file__).resolve().parents[1]
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return {}
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
+
+
+def run_metadata(backend) -> dict:
+    """What config.yaml records about the software and the machine of a run (after the backend's
+    setup): versions, the scalebio commit when there is one, the world size, the device type,
+    the backend's parallel layout, and how peak memory is measured."""
+    import torch.distributed as dist
+
+    from . import __version__
+
+    device = backend.device.type
+    layout = backend.layout
+    if dataclasses.is_dataclass(layout):
+        layout = dataclasses.asdict(layout)
+    return {
+        "versions": {"scalebio": __version__, "torch": _version("torch"), "megatron-core": _version("megatron-core"),
+                     "transformer-engine": _version("transformer-engine") or _version("transformer_engine"),
+                     "python": sys.version.split()[0]},
+        **source_commit(),
+        "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized()
+        else int(os.environ.get("WORLD_SIZE", "1")),
+        "device": device,
+        "layout": layout,
+        "peak_memory": "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the process",
+    }
+
+
+def peak_memory_bytes(device) -> int:
+    """This rank's peak memory so far: CUDA bytes ever allocated at once on ``device``, or the
+    process's peak resident set size."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def step_resources(ctx, seconds: float) -> dict:
+    """Throughput and memory of one step, for metrics.jsonl: ``tokens`` (positions of the step's
+    training and validation batches, padding included, as Megatron counts them), ``tokens_per_s``,
+    and ``peak_memory_bytes`` per rank (a collective: every rank calls it)."""
+    cfg = ctx.config
+    tokens = (cfg.run.global_batch + cfg.run.val_batch) * cfg.data.seq_length
+    return {"tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "peak_memory_bytes": ctx.backend.all_gather_object(peak_memory_bytes(ctx.backend.device))}

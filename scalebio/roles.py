@@ -179,10 +179,13 @@ class LayerSelection(Role):
         self.num_layers = num_layers
         self.seed = seed
 
-    def select(self, step: int) -> Optional[Selection]:
-        """The new trainable set at ``step``, or None to keep the current one.
+    def select(self, step: int) -> tuple:
+        """``(selection, changed)``: the trainable set at ``step``, and whether it is a switch.
 
-        Must return a Selection at step 0 and give the same answer on every rank.
+        A pure function of ``step`` (and the constructor's arguments), identical on every rank,
+        so a resumed run can ask for the set at any step. ``changed`` is True at step 0 and at
+        every step where the backend must apply a new set (even one equal to the last, with
+        ``keep_state=False`` it still resets the body layers' optimizer moments).
         """
         raise NotImplementedError
 
@@ -195,10 +198,20 @@ class Backend(Role):
         self.options = options
         self.run = run
 
+    #: the parallel layout, recorded in config.yaml and in ``scalebio eval``'s output: an object
+    #: with ``tp``, ``pp`` and ``dp`` attributes (a dataclass), or None for a backend without one
+    layout = None
+
     @property
     def is_main(self) -> bool:
         """True on the one rank that writes outputs."""
         return True
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's model lives (after ``setup``); its ``type`` is recorded in config.yaml
+        and decides how peak memory is measured (CUDA: max allocated; otherwise peak RSS)."""
+        return torch.device("cpu")
 
     def setup(self, models=MODELS) -> None:
         """Heavy: start the process groups, build ``models`` (u and w) with identical weights."""
@@ -245,6 +258,10 @@ class Backend(Role):
     def broadcast_object(self, obj):
         """The main rank's ``obj`` on every rank (identity in a single process)."""
         return obj
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process)."""
+        return [obj]
 
     def close(self) -> None:
         pass

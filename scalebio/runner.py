@@ -17,7 +17,7 @@ from typing import Optional
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
 from .data import RunData
-from .outputs import RunWriter, weights_table
+from .outputs import RunWriter, run_metadata, step_resources, weights_table
 from .plugins import Plugins
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
@@ -61,7 +61,7 @@ def build_layers(req: RunRequest) -> tuple:
         model_path = Path(req.load) / "model.yaml"  # the checkpoint's own architecture
         if not model_path.is_file():
             raise ConfigError(f"--load {req.load}: no model.yaml there (convert a Hugging Face model with "
-                              f"tools/convert.py hf-to-megatron)")
+                              f"scalebio convert hf-to-megatron)")
     else:
         model_path = find_model(req.model or "tiny")
     layers.add_file(model_path, "model")
@@ -125,7 +125,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
 def resolved_config(p: Prepared) -> dict:
     cfg = p.config
     out = {"scalebio_version": __version__,
-           "plugins": dict(p.plugins.selected),
+           "plugins": {**p.plugins.selected, "observers": list(p.plugins.observers)},
            "run": to_dict(cfg.run), "optim": to_dict(cfg.optim),
            "model": to_dict(cfg.model), "data": to_dict(cfg.data)}
     for role, opts in p.options.items():
@@ -188,7 +188,9 @@ def execute(p: Prepared, overwrite: bool = False) -> dict:
     with open_run(p, overwrite, models=p.classes["solver"].models) as (ctx, data):
         writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
         try:
-            writer.write_config(resolved_config(p))
+            resolved = {**resolved_config(p), "metadata": run_metadata(ctx.backend)}
+            writer.write_config(resolved)
+            ctx.hooks.scalebio_run_start(run=ctx, config=resolved)
             return _loop(ctx, data, writer)
         finally:
             writer.close()
@@ -209,14 +211,15 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n[:12]:>12}" for n in names))
     for step in range(cfg.run.steps):
         t0 = time.perf_counter()
-        selection = ctx.layers.select(step)
-        if selection is not None:
+        selection, changed = ctx.layers.select(step)
+        if changed:
             for m in ctx.solver.models:
                 backend.set_trainable(m, selection.layers[m], selection.keep_state)
         pi = ctx.weights.probs().tolist()
         metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
         record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
-        if selection is not None:
+        record.update(step_resources(ctx, record["time_s"]))
+        if changed:
             record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
         records.append(record)
         writer.step(record)

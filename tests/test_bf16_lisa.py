@@ -48,7 +48,7 @@ def _run(tmp_path, monkeypatch, precision):
     eps = list(importlib.metadata.entry_points(group="scalebio"))
     eps.append(importlib.metadata.EntryPoint("capture", "capture_final", "scalebio"))
     req = tiny_request(tmp_path / precision, f"megatron.precision={precision}", *ISSUE_CASE, steps=20)
-    execute(prepare(req, plugins=Plugins(["lisa"], infos=discover(eps))))
+    execute(prepare(req, plugins=Plugins(["lisa", "capture"], infos=discover(eps))))
     import capture_final
 
     out = tmp_path / precision / "run" / "metrics.jsonl"

@@ -61,7 +61,7 @@ def test_resolved_config_has_every_section_and_round_trips(tmp_path):
     p = prepare(tiny_request(tmp_path, plugins=["lisa", "simplex"]))
     resolved = resolved_config(p)
     assert resolved["plugins"] == {"solver": "minimax", "layer_selection": "lisa", "weights": "simplex",
-                                   "backend": "megatron"}
+                                   "backend": "megatron", "observers": []}
     for key in ("run", "optim", "model", "data", "minimax", "lisa", "simplex", "megatron"):
         assert key in resolved
     text = yaml.safe_dump(resolved)

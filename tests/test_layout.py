@@ -65,7 +65,7 @@ def test_a_published_model_without_checkpoint_says_what_it_needs(tmp_path):
     from scalebio.runner import RunRequest, open_run
 
     req = RunRequest(model="qwen2.5-32b", plugins=("lisa", "simplex"), out=str(tmp_path / "r"))
-    with pytest.raises(ConfigError, match=r"pretrained checkpoint Qwen/Qwen2.5-32B.*tools/convert.py hf-to-megatron"
+    with pytest.raises(ConfigError, match=r"pretrained checkpoint Qwen/Qwen2.5-32B.*scalebio convert hf-to-megatron"
                                           r".*--load.*megatron.random_init=true"):
         with open_run(prepare(req), verbose=False):
             pass
@@ -73,7 +73,7 @@ def test_a_published_model_without_checkpoint_says_what_it_needs(tmp_path):
     req = RunRequest(model="qwen2.5-32b", plugins=("lisa",), out=str(tmp_path / "r"), tp=1,
                      sets=("megatron.random_init=true",))
     with pytest.raises(ConfigError, match=r"needs 122\.1 GiB per rank for the weights of u and w alone.*"
-                                          r"It needs GPUs.*tools/plan.py --model qwen2.5-32b"):
+                                          r"It needs GPUs.*scalebio plan --model qwen2.5-32b"):
         with open_run(prepare(req), verbose=False):
             pass
 

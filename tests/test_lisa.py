@@ -13,21 +13,43 @@ from scalebio_plugins.megatron.model import layer_index
 
 def test_draws_every_interval_from_step_zero_and_are_seeded():
     lisa = Lisa(LisaOptions(gamma=2, interval=5), num_layers=8, seed=7)
-    assert lisa.select(0) is not None
-    assert all(lisa.select(s) is None for s in range(1, 5))
-    sel = lisa.select(5)
+    first, changed = lisa.select(0)
+    assert changed
+    # between draws the set is the last draw's, and no switch is asked for
+    assert all(lisa.select(s) == (first, False) for s in range(1, 5))
+    sel, changed = lisa.select(5)
+    assert changed and sel.layers != first.layers
     assert all(len(sel.layers[m]) == 2 and max(sel.layers[m]) < 8 for m in ("u", "w"))
-    again = Lisa(LisaOptions(gamma=2, interval=5), num_layers=8, seed=7).select(5)
+    assert lisa.select(9) == (sel, False)
+    again, _ = Lisa(LisaOptions(gamma=2, interval=5), num_layers=8, seed=7).select(5)
     assert again.layers == sel.layers  # what every rank computes on its own
-    other_seed = [Lisa(LisaOptions(gamma=2, interval=5), 8, seed=s).select(0).layers["u"] for s in range(20)]
+    other_seed = [Lisa(LisaOptions(gamma=2, interval=5), 8, seed=s).select(0)[0].layers["u"] for s in range(20)]
     assert len(set(other_seed)) > 5
 
 
+def test_select_is_a_pure_function_of_the_step():
+    """What a resumed run relies on: the set at a step does not depend on the steps asked before."""
+    walked = Lisa(LisaOptions(gamma=2, interval=3), num_layers=8, seed=11)
+    along = [walked.select(s) for s in range(12)]
+    fresh = [Lisa(LisaOptions(gamma=2, interval=3), num_layers=8, seed=11).select(s) for s in reversed(range(12))]
+    assert along == fresh[::-1]
+    assert [changed for _, changed in along] == [s % 3 == 0 for s in range(12)]
+
+
+def test_full_trains_everything_and_switches_once():
+    from scalebio_plugins.full import Full
+
+    full = Full(None, num_layers=4, seed=0)
+    sel, changed = full.select(0)
+    assert changed and all(sel.layers[m] == frozenset(range(4)) for m in ("u", "w"))
+    assert full.select(7) == (sel, False)
+
+
 def test_independent_and_shared_draws():
-    draws = [Lisa(LisaOptions(gamma=3, interval=1), 12, seed=3).select(s) for s in range(30)]
+    draws = [Lisa(LisaOptions(gamma=3, interval=1), 12, seed=3).select(s)[0] for s in range(30)]
     assert any(d.layers["u"] != d.layers["w"] for d in draws)  # independent by default
     shared = Lisa(LisaOptions(gamma=3, interval=1, draw="shared"), 12, seed=3)
-    assert all(shared.select(s).layers["u"] == shared.select(s).layers["w"] for s in range(30))
+    assert all(shared.select(s)[0].layers["u"] == shared.select(s)[0].layers["w"] for s in range(30))
 
 
 def test_options_accept_other_projects_spellings_and_reject_nonsense():
@@ -46,7 +68,7 @@ def _snapshot(replica):
 def test_frozen_layers_hold_nothing_and_stay_bit_identical(tiny_run):
     ctx, data = tiny_run("lisa.gamma=1", "lisa.interval=100", plugins=["lisa"])
     backend, solver = ctx.backend, ctx.solver
-    sel = ctx.layers.select(0)
+    sel, _ = ctx.layers.select(0)
     for m in ("u", "w"):
         backend.set_trainable(m, sel.layers[m], sel.keep_state)
     before = {m: _snapshot(backend.replicas[m]) for m in ("u", "w")}

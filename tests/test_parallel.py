@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distributed import run_ranks
 from helpers import tiny_request
@@ -83,6 +84,9 @@ def test_layout_matches_single_process(reference, tmp_path, name):
     got = _records(out)
     reference = reference(shared)
     assert len(got) == STEPS
+    assert all(len(g["peak_memory_bytes"]) == world and min(g["peak_memory_bytes"]) > 0 for g in got)
+    meta = yaml.safe_load((out / "config.yaml").read_text())["metadata"]
+    assert meta["world_size"] == world and meta["layout"]["dp"] * meta["layout"]["tp"] * meta["layout"]["pp"] == world
     for step, (g, r) in enumerate(zip(got, reference)):
         assert g.get("trainable_layers") == r.get("trainable_layers")
         for key in ("pi", "loss_u", "loss_w", "val_loss", "train_loss_u", "train_loss_w"):

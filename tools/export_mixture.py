@@ -1,8 +1,5 @@
 #!/usr/bin/env python
-"""Write a reweighted data mixture from a run's learned weights (same as ``scalebio export``).
-
-    python tools/export_mixture.py --weights RUN_DIR/weights.json --data DATA.yaml --size N --out PATH
-"""
+"""Write a reweighted data mixture from a run's learned weights (same as ``scalebio export``: see ``scalebio export --help``)."""
 import sys
 
 try:

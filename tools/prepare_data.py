@@ -1,8 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a data YAML's sources into the cache ahead of a run (same as ``scalebio prepare``).
-
-    python tools/prepare_data.py --data DATA.yaml --workers 8
-"""
+"""Tokenize a data YAML's sources into the cache ahead of a run (same as ``scalebio prepare``: see ``scalebio prepare --help``)."""
 import sys
 
 try:

@@ -69,7 +69,7 @@ def check_checkpoint(config, opts: MegatronOptions) -> None:
     if model.hf_name and not config.run.load and not opts.random_init:
         raise ConfigError(
             f"model {model.name} describes the pretrained checkpoint {model.hf_name}; reweighting data for it "
-            f"needs those weights. Convert them once (python tools/convert.py hf-to-megatron --hf "
+            f"needs those weights. Convert them once (scalebio convert hf-to-megatron --hf "
             f"PATH/TO/{model.hf_name.split('/')[-1]} --out ckpt/{model.name}) and pass --load ckpt/{model.name}, "
             f"or pass --set megatron.random_init=true to benchmark with random weights")
 
@@ -111,8 +111,8 @@ def check_memory(config, opts: MegatronOptions, layout: Layout) -> None:
         raise ConfigError(
             f"model {config.model.name} at TP={layout.tp} PP={layout.pp} needs {need / gib:.1f} GiB per rank for the "
             f"weights of u and w alone, and this rank has {avail / gib:.1f} GiB ({what}). It needs GPUs: see "
-            f"python tools/plan.py --model {config.model.name} --gpus 8 for layouts that fit, and launch with "
-            f"torchrun --nproc-per-node 8 tools/run.py ... (docs/scaling.md)")
+            f"scalebio plan --model {config.model.name} --gpus 8 for layouts that fit, and launch with "
+            f"torchrun --nproc-per-node 8 -m scalebio run ... (docs/scaling.md)")
 
 
 def _finalize_grads(model_chunks, num_tokens=None, **kwargs):
@@ -204,7 +204,7 @@ class MegatronBackend(Backend):
         for name in models:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
-            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
+            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp, self.use_te)
             # u and w start from the same weights: a checkpoint's (each rank reads its own shards), or
             # the same seeded full tensors, sharded alike
             if load:
@@ -234,6 +234,13 @@ class MegatronBackend(Backend):
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         import torch.distributed as dist
