@@ -130,7 +130,8 @@ def test_optimizer_state_at_a_switch(tiny_run, mode):
     solver.step(1, data.next_train(8), data.next_val(4))
 
 
-def test_bf16_master_weights_survive_a_switch(tiny_run):
+@pytest.mark.parametrize("mode", ["reset", "keep"])
+def test_bf16_master_weights_survive_a_switch(tiny_run, mode):
     ctx, data = tiny_run("megatron.precision=bf16", plugins=["lisa"])
     backend, solver = ctx.backend, ctx.solver
     for m in ("u", "w"):
@@ -140,12 +141,15 @@ def test_bf16_master_weights_survive_a_switch(tiny_run):
     replica = backend.replicas["u"]
     before = {replica.global_name[p]: (main.detach().clone(), p.dtype)
               for p, (main, _, _, _) in _optimizer_targets(replica.optimizer).items()}
-    backend.set_trainable("u", frozenset({1, 2}), keep_state=True)
+    backend.set_trainable("u", frozenset({1, 2}), keep_state=mode == "keep")
     after = {replica.global_name[p]: main for p, (main, _, _, _) in _optimizer_targets(replica.optimizer).items()}
-    emb = "embedding.word_embeddings.weight"
+    moments = {replica.global_name[p] for p in _optimizer_entries(replica.optimizer)}
+    emb, fc1 = "embedding.word_embeddings.weight", "decoder.layers.1.mlp.linear_fc1.weight"
     assert before[emb][1] == torch.bfloat16 and after[emb].dtype == torch.float32
-    # the fp32 master copy carries over exactly, not re-created from the rounded bf16 weights
-    for name in (emb, "decoder.layers.1.mlp.linear_fc1.weight"):
+    # the fp32 master copy carries over exactly, not re-created from the rounded bf16 weights, in
+    # both modes: reset restarts a staying layer's moments, never its master
+    for name in (emb, fc1):
         assert torch.equal(after[name], before[name][0])
-    assert not torch.equal(before[emb][0].bfloat16().float(), before[emb][0])
+    assert not torch.equal(before[fc1][0].bfloat16().float(), before[fc1][0])
+    assert emb in moments and (fc1 in moments) == (mode == "keep")
     solver.step(2, data.next_train(8), data.next_val(4))

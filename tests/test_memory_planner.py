@@ -38,10 +38,11 @@ def _measure(rank, world, out, sets, trainable):
         return {"stage": ps.get_pipeline_model_parallel_rank(),
                 "weights": sum(p.numel() * p.element_size() for p in params),
                 "grads": sum(s["grads"] for s in state), "optimizer": sum(s["optimizer"] for s in state),
-                "activations": meter.peak}
+                "frozen_masters": sum(s["frozen_masters"] for s in state), "activations": meter.peak}
 
 
 def _planned(sets, layout, gamma):
+    """The plan of the run ``sets`` describe (local spec, no Transformer Engine: what the CPU runs)."""
     from scalebio.runner import prepare
 
     p = prepare(tiny_request(Path("/tmp"), *sets))
@@ -49,7 +50,7 @@ def _planned(sets, layout, gamma):
     work = memory.Workload(micro_batch=cfg.run.micro_batch, seq_length=cfg.data.seq_length,
                            global_batch=cfg.run.global_batch, val_batch=cfg.run.val_batch, gamma=gamma,
                            precision=opts.precision, distributed_optimizer=opts.use_distributed_optimizer,
-                           transformer_engine=False,
+                           transformer_engine=False, frozen_masters=opts.frozen_masters,
                            make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by)
     return memory.plan(cfg.model, layout, work)
 
@@ -83,6 +84,48 @@ def test_planner_within_15_percent_of_measured(tmp_path, name):
             (name, want["activations"], got["activations"])
         total_want, total_got = sum(want.values()), sum(got[k] for k in want)
         assert abs(total_want - total_got) <= 0.15 * total_got
+
+
+def _measure_frozen_masters(rank, world, out, sets, gamma):
+    """Every layer trains one step, then only the first ``gamma`` do, for another step: the
+    planner's worst case (the other layers frozen, each with the master it trained). Bytes of u and
+    w together on this rank."""
+    from scalebio.runner import open_run, prepare
+
+    with open_run(prepare(tiny_request(Path(out), *sets, steps=2)), verbose=False) as (ctx, data):
+        backend, cfg = ctx.backend, ctx.config
+        for step, layers in enumerate((range(cfg.model.num_layers), range(gamma))):
+            for m in ("u", "w"):
+                backend.set_trainable(m, frozenset(layers), keep_state=False)
+            ctx.solver.step(step, data.next_train(cfg.run.global_batch), data.next_val(cfg.run.val_batch))
+        state = [backend.trainable_state_bytes(m) for m in ("u", "w")]
+        return {key: sum(s[key] for s in state) for key in state[0]}
+
+
+MASTER_CASES = {
+    # name: (world, settings, layout)
+    "host": (1, ("megatron.frozen_masters=host",), Layout()),
+    "device": (1, ("megatron.frozen_masters=device",), Layout()),
+    "residual": (1, ("megatron.frozen_masters=residual",), Layout()),
+    "dp2_distopt_host": (2, ("megatron.frozen_masters=host", "megatron.use_distributed_optimizer=true",
+                             "run.micro_batch=2"), Layout(dp=2)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MASTER_CASES))
+def test_planned_frozen_masters_match_what_the_backend_holds(tmp_path, name):
+    world, sets, layout = MASTER_CASES[name]
+    sets = ("megatron.precision=bf16",) + sets
+    gamma = 1
+    measured = run_ranks(_measure_frozen_masters, world, str(tmp_path / "run"), sets, gamma, timeout=300)
+    plan = _planned(sets, layout, gamma).stages[0]
+    for got in measured:
+        assert got["frozen_masters"] + got["frozen_masters_host"] > 0
+        for want, have in ((plan.bytes["frozen_masters"], got["frozen_masters"]),
+                           (plan.host, got["frozen_masters_host"]),
+                           (plan.bytes["grads"], got["grads"]), (plan.bytes["optimizer"], got["optimizer"])):
+            assert abs(want - have) <= 0.01 * have + 64, (name, plan.bytes, plan.host, got)
 
 
 # parameter counts published for the Hugging Face checkpoints (the sum of their tensors)

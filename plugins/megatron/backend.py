@@ -53,6 +53,8 @@ class MegatronOptions:
     num_layers_in_last_pipeline_stage: Optional[int] = None
     use_distributed_optimizer: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16 LISA: where frozen layers keep their fp32 masters (optim_state.FrozenMasters)
+    frozen_masters: Literal["host", "device", "residual"] = "host"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     make_vocab_size_divisible_by: int = 128
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"

@@ -5,12 +5,17 @@ For each pipeline stage it counts, for *both* model copies (u and w):
 - gradients: megatron-core DDP grad buffers (fp32) over the trainable parameters only;
 - optimizer: Adam moments (fp32, and the fp32 master copy under bf16) of the trainable
   parameters, divided over data-parallel ranks with the distributed optimizer;
+- frozen masters (bf16 LISA): the fp32 masters of frozen layers that trained before, each data-
+  parallel rank holding a 1/DP slice, 4 bytes a parameter in host memory (``host``, counted in
+  ``StagePlan.host`` and not in the device total) or on the device (``device``), or 2 bytes on
+  the device (``residual``);
 and, for the one model whose pass is in flight, the activations kept for backward.
 
 With LISA the trainable set is embeddings + final norm + output layer + gamma decoder layers.
 The draw is random, so the planner takes the worst case: all gamma layers on the stage in
-question. Frozen layers still need their activations (gradients flow through them to the
-embeddings), so LISA saves gradient and optimizer memory, not activation memory.
+question, and every other layer of the stage frozen after it trained (a master kept for each).
+Frozen layers still need their activations (gradients flow through them to the embeddings), so
+LISA saves gradient and optimizer memory, not activation memory.
 
 Activation coefficients of the local layer spec were measured on CPU (saved-tensor hooks) and
 are checked by tests/test_memory_planner.py; the Transformer Engine path uses flash attention
@@ -41,6 +46,7 @@ class Workload:
     distributed_optimizer: bool = False
     transformer_engine: bool = True
     make_vocab_size_divisible_by: int = 128
+    frozen_masters: str = "host"  # megatron.frozen_masters: host, device or residual (bf16 LISA)
 
 
 @dataclass
@@ -49,10 +55,12 @@ class StagePlan:
     layers: int
     params: int
     trainable: int
-    bytes: dict = field(default_factory=dict)  # weights, grads, optimizer, activations
+    bytes: dict = field(default_factory=dict)  # weights, grads, optimizer, frozen_masters, activations
+    host: int = 0  # host memory of this rank: frozen masters with frozen_masters=host
 
     @property
     def total(self) -> int:
+        """Device bytes."""
         return sum(self.bytes.values())
 
 
@@ -174,6 +182,15 @@ def edge_activation_bytes(m, tp: int, padded_vocab: int, micro_batch: int, seq: 
     return n
 
 
+def frozen_master_bytes(work: Workload, frozen_params: int, dp: int) -> int:
+    """Bytes one model copy keeps on one rank for the masters of ``frozen_params`` frozen
+    parameters: none in fp32 (a weight is its own master) or without LISA; else a 1/DP slice of
+    each, 2 bytes an element as a bf16 residual, 4 as fp32."""
+    if work.precision != "bf16" or work.gamma is None:
+        return 0
+    return math.ceil(frozen_params * (2 if work.frozen_masters == "residual" else 4) / dp)
+
+
 def in_flight(stage: int, layout: Layout, micro_batches: int) -> float:
     """Micro-batches (in units of the stage's full layer count) whose activations a stage holds at peak."""
     pp = layout.pp
@@ -209,6 +226,8 @@ def plan(m, layout: Layout, work: Workload) -> Plan:
         opt = trainable * opt_per_param
         if work.distributed_optimizer:
             opt = math.ceil(opt / layout.dp)
+        masters = frozen_master_bytes(work, (n_layers - active_layers) * per_layer, layout.dp)
+        on_host = work.frozen_masters == "host"
         acts = in_flight(i, layout, micro) * (
             active_layers * act_layer + (n_layers - active_layers) * act_frozen
             + edge_activation_bytes(m, tp, padded, work.micro_batch, work.seq_length, dtype_bytes, first, last))
@@ -216,8 +235,9 @@ def plan(m, layout: Layout, work: Workload) -> Plan:
             "weights": 2 * params * dtype_bytes,
             "grads": 2 * trainable * 4,
             "optimizer": 2 * opt,
+            "frozen_masters": 0 if on_host else 2 * masters,
             "activations": int(acts),
-        }))
+        }, host=2 * masters if on_host else 0))
     return Plan(m.name, layout, work, stages)
 
 

@@ -1,6 +1,7 @@
 """The optimizer state of a model copy across LISA switches: which tensor the torch optimizer
 updates for each model parameter (the parameter, its fp32 master, or its distributed-optimizer
-shard), and the transfer of masters and Adam moments from an old optimizer to a rebuilt one."""
+shard), per-parameter access to masters and Adam moments (to carry them from an old optimizer to
+a rebuilt one), and the fp32 masters of frozen bf16 layers (:class:`FrozenMasters`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,29 +81,31 @@ class OptimizerView:
     def __contains__(self, p) -> bool:
         return p in self.targets
 
-    def gather(self, p) -> Optional[ParamState]:
-        """``p``'s state, or None where the optimizer does not hold ``p`` (on any rank)."""
+    def gather(self, p, moments: bool = True) -> Optional[ParamState]:
+        """``p``'s state (without its moments unless ``moments``), or None where the optimizer does
+        not hold ``p`` (on any rank)."""
         src = self.targets.get(p)
         if not self.distributed:
             if src is None:
                 return None
             main, opt = src[0], src[1]
             state = opt.state.get(main)
-            if not state:
+            if not state or not moments:
                 return ParamState(main.detach())
             step = state.get("step")
             return ParamState(main.detach(), {k: state[k] for k in _MOMENTS},
                               None if step is None else float(step))
         import torch.distributed as dist
 
-        full = torch.zeros(1 + len(_MOMENTS), p.numel(), dtype=torch.float32, device=p.device)
+        rows = 1 + len(_MOMENTS) if moments else 1
+        full = torch.zeros(rows, p.numel(), dtype=torch.float32, device=p.device)
         flags = torch.zeros(3, dtype=torch.float32, device=p.device)  # [holds p, has moments, Adam step]
         if src is not None:
             main, opt, a, b = src
             full[0, a:b] = main.detach().view(-1).float()
             flags[0] = 1.0
             state = opt.state.get(main)
-            if state:
+            if state and moments:
                 for i, key in enumerate(_MOMENTS, 1):
                     full[i, a:b] = state[key].view(-1).float()
                 flags[1] = 1.0
@@ -111,10 +114,10 @@ class OptimizerView:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         if float(flags[0]) == 0.0:
             return None
-        moments = None
+        held = None
         if float(flags[1]) > 0:
-            moments = {key: full[i].view_as(p) for i, key in enumerate(_MOMENTS, 1)}
-        return ParamState(full[0].view_as(p), moments, float(flags[2]) if float(flags[2]) > 0 else None)
+            held = {key: full[i].view_as(p) for i, key in enumerate(_MOMENTS, 1)}
+        return ParamState(full[0].view_as(p), held, float(flags[2]) if float(flags[2]) > 0 else None)
 
     def scatter(self, p, state: ParamState, moments: bool = True) -> None:
         """Give ``p`` the master weight of ``state`` and, with ``moments``, its Adam state (this
@@ -136,15 +139,82 @@ class OptimizerView:
         opt.state[main] = moved
 
 
-def transfer_optimizer_state(old, new, params: list) -> None:
-    """Carry master weights and Adam moments of ``params`` from the old optimizer to the rebuilt one.
+FROZEN_MASTERS = ("host", "device", "residual")
 
-    With the distributed optimizer the old and new shard boundaries differ, so each parameter's
-    full state is reassembled over the data-parallel group and every rank keeps its new shard.
-    ``params`` must be in the same order on every rank.
+
+class FrozenMasters:
+    """The fp32 master weights of frozen parameters (bf16 LISA), kept until their layer trains again.
+
+    A frozen parameter's bf16 weight stays bit-identical, but its master also holds every update
+    smaller than half a bf16 ulp, which the weight cannot show: rebuilding the master from the
+    weight would lose them (SPEC §3). Where the masters live (``megatron.frozen_masters``):
+
+    - ``host``: fp32 in host memory (pinned with CUDA); no device memory;
+    - ``device``: fp32 on the device;
+    - ``residual``: on the device as the bf16 residual ``master - bf16(master)``, 2 bytes a
+      parameter; the master comes back to within 2^-8 of the residual (2^-16 of the weight).
+
+    The data-parallel ranks hold identical masters whatever the optimizer, so each keeps an equal
+    1/DP slice of every one. :meth:`put` is local; :meth:`master` and :meth:`pop` are collective
+    over the data-parallel group (every rank asks for the same parameters in the same order).
+    A master equal to its bf16 weight (a layer that never trained) is not stored at all.
     """
-    src, dst = OptimizerView(old), OptimizerView(new)
-    for p in params:
-        state = src.gather(p)
-        if state is not None and state.moments is not None:
-            dst.scatter(p, state)
+
+    def __init__(self, where: str, group=None):
+        import torch.distributed as dist
+
+        self.where = where
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.parts: dict = {}  # model parameter -> this rank's slice of its master (or residual)
+
+    def __contains__(self, p) -> bool:
+        return p in self.parts
+
+    def _range(self, n: int) -> tuple:
+        return n * self.rank // self.world, n * (self.rank + 1) // self.world
+
+    def put(self, p, master: torch.Tensor) -> None:
+        """Keep ``master``, the whole fp32 master of the frozen bf16 parameter ``p``."""
+        rounded = master.to(p.dtype).float()
+        if torch.equal(rounded, master):  # the weight says it all
+            self.parts.pop(p, None)
+            return
+        a, b = self._range(p.numel())
+        part = master.reshape(-1)[a:b]
+        if self.where == "residual":
+            kept = (part - rounded.reshape(-1)[a:b]).to(torch.bfloat16)
+        elif self.where == "host":
+            kept = torch.empty(b - a, dtype=torch.float32, pin_memory=part.is_cuda).copy_(part)
+        else:
+            kept = part.detach().clone()
+        self.parts[p] = kept
+
+    def master(self, p) -> Optional[torch.Tensor]:
+        """``p``'s whole fp32 master (``p``'s shape), or None where none is kept."""
+        part = self.parts.get(p)
+        if part is None:
+            return None
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        a, b = self._range(p.numel())
+        full[a:b] = part.to(p.device, torch.float32)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(full, group=self.group)  # zeros elsewhere: the sum is the whole
+        full = full.view_as(p)
+        if self.where == "residual":
+            full += p.detach().float()  # a frozen weight is its master rounded to bf16
+        return full
+
+    def pop(self, p) -> Optional[torch.Tensor]:
+        out = self.master(p)
+        self.parts.pop(p, None)
+        return out
+
+    def bytes(self) -> dict:
+        """Bytes this rank holds: ``frozen_masters`` on the device, ``frozen_masters_host`` in host memory."""
+        n = sum(t.numel() * t.element_size() for t in self.parts.values())
+        return {"frozen_masters": 0 if self.where == "host" else n,
+                "frozen_masters_host": n if self.where == "host" else 0}

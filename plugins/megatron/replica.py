@@ -1,5 +1,13 @@
 """One model copy (u or w) of the megatron backend: its chunks, and the DDP grad buffers and
-optimizer built over its trainable set only (rebuilt at each LISA switch, SPEC §3)."""
+optimizer built over its trainable set only (rebuilt at each LISA switch, SPEC §3).
+
+What a switch carries (bf16: every trained parameter has an fp32 master, SPEC §3):
+- a parameter trainable before and after keeps its master; its Adam moments too when it is an
+  embedding, the final norm or the output layer, or with ``keep`` (``reset`` resets moments only);
+- a parameter that freezes leaves its master in :class:`FrozenMasters`, and gets it back when its
+  layer is selected again (with fresh moments);
+- a frozen parameter holds no gradient buffer and no optimizer state.
+"""
 from __future__ import annotations
 
 import gc
@@ -8,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import model as mdl
-from .optim_state import OptimizerView, ParamState, optimizer_entries, transfer_optimizer_state
+from .optim_state import FrozenMasters, OptimizerView, ParamState, optimizer_entries
 
 
 class Replica:
@@ -29,6 +37,13 @@ class Replica:
             for local, p in chunk.named_parameters():
                 names[p] = glob[local]
         self.global_name = names  # parameter -> layout-independent name
+        self.frozen: Optional[FrozenMasters] = None  # bf16 only: fp32 weights are their own masters
+        if backend.options.precision == "bf16":
+            from megatron.core import parallel_state as ps
+
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            self.frozen = FrozenMasters(backend.options.frozen_masters,
+                                        group if group.size() > 1 else None)
 
     def parameters(self):
         for chunk in self.chunks:
@@ -37,18 +52,24 @@ class Replica:
     # ------------------------------------------------------------------ trainable set
 
     def set_trainable(self, layers: frozenset, keep_state: bool) -> None:
-        old_optimizer, old_active = self.optimizer, self.active_layers or frozenset()
+        old = self.view() if self.optimizer is not None else None
+        trained = {p for p in self.parameters() if p.requires_grad} if old is not None else set()
         for p in self.parameters():
             layer = mdl.layer_index(self.global_name[p])
             p.requires_grad_(layer is None or layer in layers)
         self._rebuild()
-        if old_optimizer is not None:
-            # embeddings, final norm and output layer always keep their moments; a body layer only
-            # with keep_state and only when it stays selected
-            kept = [p for p in self.parameters() if p.requires_grad and (
-                mdl.layer_index(self.global_name[p]) is None
-                or (keep_state and mdl.layer_index(self.global_name[p]) in old_active))]
-            transfer_optimizer_state(old_optimizer, self.optimizer, kept)
+        new = self.view()
+        # the same parameters in the same order on every rank: gather and pop are collective
+        for p in self.parameters():
+            if p in trained:
+                state = old.gather(p, moments=p.requires_grad)
+                if p.requires_grad:
+                    body = mdl.layer_index(self.global_name[p]) is not None
+                    new.scatter(p, state, moments=keep_state or not body)
+                elif self.frozen is not None:
+                    self.frozen.put(p, state.master)
+            elif p.requires_grad and self.frozen is not None and p in self.frozen:
+                new.scatter(p, ParamState(self.frozen.pop(p)), moments=False)
         self.active_layers = frozenset(layers)
 
     def _rebuild(self) -> None:
@@ -98,16 +119,23 @@ class Replica:
         return self._view
 
     def param_state(self, p) -> ParamState:
-        """``p``'s fp32 master weight and Adam state, whether it trains now or not. Collective with
-        the distributed optimizer: every rank asks for the same parameters in the same order."""
+        """``p``'s fp32 master weight and Adam state, whether it trains now or not (a frozen bf16
+        parameter: its kept master, no moments). Collective over the data-parallel group: every
+        rank asks for the same parameters in the same order."""
         held = self.view().gather(p) if self.optimizer is not None else None
+        if held is None and self.frozen is not None:
+            master = self.frozen.master(p)
+            held = None if master is None else ParamState(master)
         return held if held is not None else ParamState(p.detach().float())
 
     def load_param_state(self, p, state: ParamState) -> None:
-        """Restore ``p``'s master (and its moments, where the optimizer holds ``p``); the model
-        weight itself is the caller's."""
-        if self.optimizer is not None and p in self.view():
+        """Restore ``p``'s master, and its moments where ``p`` trains now; a frozen bf16 parameter
+        keeps the master for when its layer trains again (also before the first set_trainable).
+        The model weight itself is the caller's (a frozen one must be the master rounded to bf16)."""
+        if self.optimizer is not None and p.requires_grad:
             self.view().scatter(p, state)
+        elif self.frozen is not None:
+            self.frozen.put(p, state.master.to(p.device, torch.float32))
 
     # ------------------------------------------------------------------ accounting
 
@@ -120,4 +148,7 @@ class Replica:
                 opt += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
                 if main.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():  # a separate fp32 master
                     opt += main.numel() * main.element_size()
-        return {"grads": grads, "optimizer": opt}
+        out = {"grads": grads, "optimizer": opt}
+        out.update(self.frozen.bytes() if self.frozen is not None
+                   else {"frozen_masters": 0, "frozen_masters_host": 0})
+        return out

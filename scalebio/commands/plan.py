@@ -6,9 +6,11 @@ each TP x PP x DP layout of a GPU count, and the layouts that fit (``tools/plan.
     scalebio plan --model qwen2.5-7b --gpus 8 --tp 4 --pp 1        # one layout
 
 Counts weights (u and w), fp32 gradient buffers and Adam state of the trainable set (the worst
-LISA draw: all gamma layers on one stage), and the activations kept for backward of the longer
-(w) pass; the reported total is the worst pipeline stage. A layout "fits" when
-total x 1.1 + 3 GiB (CUDA context, NCCL, fragmentation) is within the GPU memory.
+LISA draw: all gamma layers on one stage), in bf16 the fp32 masters of the frozen layers
+(--frozen-masters, as megatron.frozen_masters: on the device, or in host memory, column "host"),
+and the activations kept for backward of the longer (w) pass; the reported total is the device
+memory of the worst pipeline stage. A layout "fits" when total x 1.1 + 3 GiB (CUDA context, NCCL,
+fragmentation) is within the GPU memory.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--full", action="store_true", help="every layer trains (no LISA)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--distributed-optimizer", action="store_true")
+    ap.add_argument("--frozen-masters", choices=["host", "device", "residual"], default="host",
+                    help="where bf16 LISA keeps frozen layers' fp32 masters (megatron.frozen_masters)")
     ap.add_argument("--local", action="store_true", help="local layer spec (no Transformer Engine: s^2 attention)")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--pp", type=int)
@@ -48,7 +52,7 @@ def main(args) -> int:
     work = memory.Workload(micro_batch=args.micro_batch, seq_length=args.seq, global_batch=args.global_batch,
                            val_batch=args.val_batch, gamma=None if args.full else args.gamma,
                            precision=args.precision, distributed_optimizer=args.distributed_optimizer,
-                           transformer_engine=not args.local)
+                           transformer_engine=not args.local, frozen_masters=args.frozen_masters)
     gpu_bytes = int(args.gpu_memory * memory.GiB)
     plans = memory.recommend(model, args.gpus, gpu_bytes, work)
     if args.tp or args.pp:
@@ -61,14 +65,16 @@ def main(args) -> int:
     print(f"{model.name}: {args.gpus} x {args.gpu_memory:g} GiB, {args.precision}, micro-batch {args.micro_batch} "
           f"x {args.seq} tokens, global batch {args.global_batch} + validation {args.val_batch}, {lisa}, "
           f"{'distributed' if args.distributed_optimizer else 'replicated'} optimizer, "
-          f"{'local spec' if args.local else 'Transformer Engine'}; GiB per GPU (worst stage)\n")
-    head = ["layout", "weights", "grads", "optimizer", "activations", "total", "fits"]
+          f"{'local spec' if args.local else 'Transformer Engine'}"
+          f"{f', frozen masters on {args.frozen_masters}' if args.precision == 'bf16' else ''}; "
+          f"GiB per GPU (worst stage; total = device, host = host memory per GPU)\n")
+    head = ["layout", "weights", "grads", "optimizer", "masters", "activations", "total", "host", "fits"]
     rows = []
     for p in plans:
         w = p.worst
         rows.append([str(p.layout)] + [f"{w.bytes[k] / g:.1f}" for k in ("weights", "grads", "optimizer",
-                                                                        "activations")]
-                    + [f"{w.total / g:.1f}", "yes" if p.fits(gpu_bytes) else "no"])
+                                                                        "frozen_masters", "activations")]
+                    + [f"{w.total / g:.1f}", f"{w.host / g:.1f}", "yes" if p.fits(gpu_bytes) else "no"])
     if args.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
