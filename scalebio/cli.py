@@ -38,6 +38,11 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--load", default=None, metavar="CKPT_DIR",
                     help="start u and w from a scalebio checkpoint (tools/convert.py); its model.yaml and "
                          "tokenizer are the defaults for --model and data.tokenizer")
+    ap.add_argument("--save-every", type=int, default=None, metavar="N",
+                    help="a resumable checkpoint every N steps and at the end (run.save_every)")
+    ap.add_argument("--resume", default=None, metavar="RUN_DIR",
+                    help="continue RUN_DIR from its latest complete checkpoint, with its config.yaml (--steps may "
+                         "extend the run; --tp/--pp/--vpp may change the layout)")
     ap.add_argument("--list-plugins", action="store_true", help="list installed plugins and exit")
 
 
@@ -85,7 +90,8 @@ def run_request(args):
 
     return RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
                       plugins=names(args.plugins), steps=args.steps, out=args.out, seed=args.seed,
-                      overwrite=args.overwrite, tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
+                      overwrite=args.overwrite, tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load,
+                      resume=args.resume, save_every=args.save_every)
 
 
 def cmd_run(args) -> int:

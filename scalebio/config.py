@@ -349,13 +349,18 @@ class RunOptions:
     progress: bool = True
     save_final: bool = False  # write the final w (and u) under out/final
     load: Optional[str] = None  # a scalebio checkpoint directory (tools/convert.py); u and w start from it
+    save_every: int = 0  # a resumable checkpoint every N steps and at the end; 0 = only when stopped by a signal
+    keep_checkpoints: int = 2  # the latest K resumable checkpoints are kept
 
     def validate(self):
-        for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every"):
+        for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}", keys=(name,))
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"run.seed must be in [0, 2**32), got {self.seed}", keys=("seed",))
+        if self.save_every < 0:
+            raise ConfigError(f"run.save_every must be >= 0 (0: no periodic checkpoints), got {self.save_every}",
+                              keys=("save_every",))
         check_out_template(self.out)
 
 

@@ -23,7 +23,7 @@ from .config import ConfigError
 MIN_FREE_BYTES = 4 << 20
 # what a run writes in its directory: --overwrite removes these and nothing else
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "weights.json", "pi.csv", "pi.png", "test.json", "final",
-               "final.partial", "checkpoints")
+               "final.partial", "checkpoints", "partial.json")
 
 
 def _tmp_name(path: Path, suffix: str = "") -> Path:
@@ -113,21 +113,55 @@ def clear_run_outputs(out: Path) -> None:
                 p.unlink()
 
 
-class RunWriter:
-    """Writes the run directory. Only the main rank makes one; other ranks pass ``enabled=False``."""
+PARTIAL = "partial.json"  # beside outputs written for the steps done by a run that was stopped
 
-    def __init__(self, out_dir: Path, source_names: list, enabled: bool = True):
+
+def read_metrics(path: Path) -> list:
+    """The records of a metrics.jsonl; a last line cut short by a kill is dropped."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class RunWriter:
+    """Writes the run directory. Only the main rank makes one; other ranks pass ``enabled=False``.
+
+    ``resume_step``: continue a run directory from a checkpoint of that many steps. Rows of
+    metrics.jsonl from later steps (written after the checkpoint, before the run stopped) are
+    dropped, the others kept in ``self.kept`` and in the pi trajectory, and new rows appended.
+    """
+
+    def __init__(self, out_dir: Path, source_names: list, enabled: bool = True, resume_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.source_names = list(source_names)
         self.enabled = enabled
         self.trajectory: list = []  # (step, [pi...]) pairs, pi *used* at that step
+        self.kept: list = []  # the step records kept from before a resume
         self._metrics = None
-        if enabled:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._metrics = open(self.out_dir / "metrics.jsonl", "w", encoding="utf-8")
-            except OSError as exc:
-                raise write_error(self.out_dir / "metrics.jsonl", exc) from None
+        if not enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self._metrics = open(path, "w", encoding="utf-8")
+                return
+            # rows without a step (run metadata) stay; step rows up to the checkpoint stay
+            rows = [r for r in read_metrics(path) if not isinstance(r.get("step"), int) or r["step"] < resume_step]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+            self.kept = [r for r in rows if isinstance(r.get("step"), int)]
+            self.trajectory = [(r["step"], [r["pi"][n] for n in self.source_names]) for r in self.kept]
+            self._metrics = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise write_error(path, exc) from None
 
     def write_config(self, resolved: dict) -> None:
         if self.enabled:
@@ -146,8 +180,12 @@ class RunWriter:
             except OSError as exc:
                 raise write_error(self.out_dir / "metrics.jsonl", exc) from None
 
-    def finish(self, final_step: int, final_pi: list, extra: dict | None = None) -> None:
-        """weights.json (final pi by source name), pi.csv and pi.png."""
+    def finish(self, final_step: int, final_pi: list, extra: dict | None = None, partial: dict | None = None) -> None:
+        """weights.json (final pi by source name), pi.csv and pi.png.
+
+        ``partial``: the run stopped before its last step; these outputs are for the steps done,
+        and ``partial.json`` (holding ``partial``) says so until a resumed run finishes.
+        """
         self.trajectory.append((final_step, list(final_pi)))
         if not self.enabled:
             return
@@ -155,6 +193,10 @@ class RunWriter:
             self._metrics.close()
         except OSError as exc:
             raise write_error(self.out_dir / "metrics.jsonl", exc) from None
+        if partial is not None:
+            atomic_write(self.out_dir / PARTIAL, json.dumps({"partial": True, **partial}, indent=2) + "\n")
+        else:
+            (self.out_dir / PARTIAL).unlink(missing_ok=True)
         weights = {n: float(p) for n, p in zip(self.source_names, final_pi)}
         atomic_write(self.out_dir / "weights.json", json.dumps(weights, indent=2) + "\n")
         buf = io.StringIO()
@@ -163,9 +205,10 @@ class RunWriter:
         for step, pi in self.trajectory:
             w.writerow([step] + [f"{p:.8g}" for p in pi])
         atomic_write(self.out_dir / "pi.csv", buf.getvalue())
-        self.plot(self.out_dir / "pi.png", extra or {})
+        title = None if partial is None else f"partial: {final_step} of {partial['steps']} steps"
+        self.plot(self.out_dir / "pi.png", extra or {}, title)
 
-    def plot(self, path: Path, extra: dict) -> None:
+    def plot(self, path: Path, extra: dict, note: str | None = None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -180,7 +223,7 @@ class RunWriter:
         ax.set_xlabel("step")
         ax.set_ylabel("source weight $\\pi$")
         ax.set_ylim(0, 1)
-        ax.set_title("learned source weights")
+        ax.set_title("learned source weights" + (f" ({note})" if note else ""))
         ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
         if val:

@@ -132,6 +132,7 @@ class RunContext:
     layers: Optional["LayerSelection"] = None
     solver: Optional["Solver"] = None
     data: Any = None  # scalebio.data.RunData: the sources, validation and test sets of the run
+    resume_from: Optional[Path] = None  # the checkpoint directory a resumed run continues from
     extra: dict = field(default_factory=dict)
 
     @property
@@ -201,7 +202,16 @@ class LayerSelection(Role):
 
 
 class Backend(Role):
-    """Builds and trains u and w. All parallelism lives behind this interface."""
+    """Builds and trains u and w. All parallelism lives behind this interface.
+
+    ``state_dict()`` (of :class:`Role`) is this rank's own small state, e.g. its random number
+    generators; the run gathers it from every rank into a checkpoint and gives each rank its own
+    back when a run resumes at the same world size.
+    """
+
+    #: options that may differ when a run resumes (the parallel layout): any other changed
+    #: setting is an error
+    layout_options: tuple = ()
 
     def __init__(self, options, run: RunContext):
         """Cheap: parse and validate (layout against model and batch sizes). No heavy work."""
@@ -280,6 +290,17 @@ class Backend(Role):
 
     def save_model(self, model: str, path: Path) -> None:
         """Write ``model``'s weights under ``path`` (a directory the caller makes atomic)."""
+        raise NotImplementedError
+
+    def save_state(self, path: Path) -> None:
+        """Collective: write everything the next step of every built model depends on (weights,
+        fp32 master weights, optimizer state) under ``path``, a directory the caller creates and
+        makes atomic. It must load again at another parallel layout."""
+        raise NotImplementedError
+
+    def load_state(self, path: Path) -> None:
+        """Collective: restore what :meth:`save_state` wrote, possibly at another layout. The
+        caller has already applied the trainable sets in force at the checkpoint (set_trainable)."""
         raise NotImplementedError
 
     def barrier(self) -> None:

@@ -130,6 +130,11 @@ def _free_port() -> int:
 
 class MegatronBackend(Backend):
     Options = MegatronOptions
+    # a resumed run may change these: the checkpoint is resharded at load (state.py)
+    layout_options = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                      "virtual_pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
+                      "num_layers_in_last_pipeline_stage", "use_distributed_optimizer", "distributed_backend",
+                      "timeout_minutes")
 
     def __init__(self, options: MegatronOptions, run):
         super().__init__(options, run)
@@ -194,7 +199,8 @@ class MegatronBackend(Backend):
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         spec = mdl.layer_spec(model, self.use_te)
-        load = self.run.config.run.load
+        # a resumed run takes every weight from its checkpoint (load_state), not from run.load
+        load = self.run.config.run.load if self.run.resume_from is None else None
         if load:  # a checkpoint that does not fit the model fails before any model is built
             from . import checkpoint
 
@@ -332,3 +338,25 @@ class MegatronBackend(Backend):
             checkpoint.finish_checkpoint(path, cfg.model, weight_map, dtype, f"scalebio run (model {model})",
                                          str(self.run.out_dir), tokenizer_path=tok, loaded_from=cfg.run.load)
         dist.barrier()
+
+    # ------------------------------------------------------------------ resumable state
+
+    def save_state(self, path: Path) -> None:
+        from .state import save_state
+
+        save_state(self, path)
+
+    def load_state(self, path: Path) -> None:
+        from .state import load_state
+
+        load_state(self, path)
+
+    def state_dict(self) -> dict:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        return {"rng_tracker": get_cuda_rng_tracker().get_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["rng_tracker"])

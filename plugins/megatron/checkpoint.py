@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from scalebio.config import ConfigError
+from scalebio.checkpointing import CheckpointError
 
 FORMAT = "scalebio-megatron"
 FORMAT_VERSION = 1
@@ -45,10 +45,6 @@ HF_DIR = "hf"  # Hugging Face side files kept for the way back (config.json, gen
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint or Hugging Face directory that cannot be read, converted or loaded."""
 
 
 # --------------------------------------------------------------------------- safetensors reading

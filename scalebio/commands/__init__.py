@@ -8,9 +8,13 @@ the parser. Each module here has ``HELP`` (one line), ``add_arguments(parser)`` 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
+# 0: done; 2: bad input (a message says what to do); 3: a non-finite loss or gradient; 75: stopped
+# by SIGTERM/SIGINT after saving a checkpoint (resume it); 130: interrupted before the steps began.
+# A second signal while a run stops ends it at once (killed by that signal: 128 + its number).
+EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 
 #: subcommand -> module of this package, in the order ``scalebio --help`` lists them.
 COMMANDS = {
@@ -33,6 +37,7 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
 
 def guarded(action, interrupted: str = "interrupted") -> int:
     """Run ``action``; bad input and a non-finite run become a message and an exit code, not a traceback."""
+    from ..checkpointing import Preempted
     from ..config import ConfigError
     from ..data import DataError
     from ..extras import MissingDependency
@@ -45,6 +50,10 @@ def guarded(action, interrupted: str = "interrupted") -> int:
         return fail(str(exc))
     except NonFiniteError as exc:
         return fail(str(exc), EXIT_NONFINITE)
+    except Preempted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says how to go on
+            print(str(exc), file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
