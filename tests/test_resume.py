@@ -138,12 +138,13 @@ def test_a_completed_run_extends_with_more_steps(runs, tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["run"]["steps"] == STEPS + 2
 
 
-def test_an_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path):
+def test_a_checkpoints_path_that_is_not_a_directory_fails_before_the_first_step(tmp_path):
+    # --overwrite would remove it as an earlier run's output; without it the run refuses the directory
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("not a directory")
     req = tiny_request(out, "run.save_every=2", steps=2)
     req.out = str(out)
-    with pytest.raises(CheckpointError, match="cannot create .*checkpoints"):
-        execute(prepare(req), overwrite=True)
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        execute(prepare(req), overwrite=False)
     assert not (out / "metrics.jsonl").exists()
