@@ -15,6 +15,7 @@ EXIT_USAGE, EXIT_NONFINITE = 2, 3
 #: subcommand -> module of this package, in the order ``scalebio --help`` lists them.
 COMMANDS = {
     "train": "train",
+    "compare": "compare",
     "convert": "convert",
     "plan": "plan",
     "bench": "bench",
