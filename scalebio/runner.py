@@ -17,7 +17,8 @@ from typing import Optional
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
 from .data import DataError, RunData
-from .outputs import RunWriter, run_metadata, step_resources, weights_table
+from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
+                      weights_table)
 from .plugins import Plugins
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
@@ -57,6 +58,10 @@ class Prepared:
 def build_layers(req: RunRequest) -> tuple:
     layers = Layers()
     demo = req.data is None
+    if req.load is not None and not Path(req.load).is_dir():
+        what = "is a file, not a checkpoint directory" if Path(req.load).exists() else "does not exist"
+        raise ConfigError(f"--load {req.load}: the path {what} (give a directory written by tools/convert.py "
+                          f"hf-to-megatron or by run.save_final)")
     if req.model is None and req.load is not None:
         model_path = Path(req.load) / "model.yaml"  # the checkpoint's own architecture
         if not model_path.is_file():
@@ -136,7 +141,7 @@ def _check_solver_data(cfg: RunConfig, solver) -> None:
 def resolved_config(p: Prepared) -> dict:
     cfg = p.config
     out = {"scalebio_version": __version__,
-           "plugins": dict(p.plugins.selected),
+           "plugins": {**p.plugins.selected, "observers": list(p.plugins.observers)},
            "run": to_dict(cfg.run), "optim": to_dict(cfg.optim),
            "model": to_dict(cfg.model), "data": to_dict(cfg.data)}
     for role, opts in p.options.items():
@@ -145,13 +150,10 @@ def resolved_config(p: Prepared) -> dict:
 
 
 def _out_dir(cfg: RunConfig, overwrite: bool) -> Path:
+    """The run directory, checked (writable, new or an earlier run's) before anything is read or
+    built; nothing is removed yet (see clear_run_outputs)."""
     out = Path(cfg.run.out.format(model=cfg.model.name, time=time.strftime("%Y%m%d-%H%M%S")))
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {out} already exists and is not empty; give another --out "
-                              f"or pass --overwrite")
-        if (out / "metrics.jsonl").exists():
-            shutil.rmtree(out)
+    check_run_dir(out, overwrite)
     return out
 
 
@@ -165,10 +167,12 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
     say = verbose and main
     names = sorted(cfg.data.sources)  # source ids: positions in sorted order (scalebio.data)
     ctx = RunContext(config=cfg, source_names=names, out_dir=None, hooks=p.plugins.hook)
+    out_dir = _out_dir(cfg, overwrite) if main else None
     # the backend checks layout, checkpoint and memory before any data is read; it builds nothing yet
     ctx.backend = p.classes["backend"](p.options["backend"], ctx)
-    # the weights need only the source names: bad weights fail here, before data and models
+    # cheap roles first, so that their checks (lisa.gamma against the layers, say) come before the data
     ctx.weights = p.classes["weights"](p.options["weights"], names)
+    ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers, cfg.run.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -176,8 +180,9 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
     data = RunData(cfg.data, tokenizer, cfg.run.seed, global_batch=cfg.run.global_batch,
                    progress=say and cfg.run.progress, sampling_probs=ctx.weights.probs)
     assert data.source_names == names
+    if main and overwrite:
+        clear_run_outputs(out_dir)  # only now that the run is known to start
     ctx.data = data
-    out_dir = _out_dir(cfg, overwrite) if main else None
     if say and p.demo:
         print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
               "Python's documentation, two of them corrupted).")
@@ -185,12 +190,12 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
         print("plugins: " + ", ".join(f"{r.replace('_', ' ')}={n}" for r, n in p.plugins.selected.items()))
         for line in data.summary():
             print("  data  " + line, flush=True)
+        for line in cfg.warnings:
+            print(line, flush=True)
     try:
         ctx.backend.setup(models)
         # every rank must agree on the directory (checkpoints are written by all of them)
         ctx.out_dir = Path(ctx.backend.broadcast_object(str(out_dir) if main else None))
-        ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers,
-                                                  cfg.run.seed)
         ctx.solver = p.classes["solver"](p.options["solver"], ctx)
         yield ctx, data
     finally:
@@ -201,7 +206,9 @@ def execute(p: Prepared, overwrite: bool = False) -> dict:
     with open_run(p, overwrite, models=p.classes["solver"].models) as (ctx, data):
         writer = RunWriter(ctx.out_dir, ctx.source_names, enabled=ctx.is_main)
         try:
-            writer.write_config({**resolved_config(p), "metadata": run_metadata(ctx.backend)})
+            resolved = {**resolved_config(p), "metadata": run_metadata(ctx.backend)}
+            writer.write_config(resolved)
+            ctx.hooks.scalebio_run_start(run=ctx, config=resolved)
             return _loop(ctx, data, writer)
         finally:
             writer.close()
@@ -219,7 +226,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         bar = tqdm(total=cfg.run.steps, desc="scalebio", unit="step", dynamic_ncols=True, file=sys.stderr)
     log = bar.write if bar is not None else print
     if main:
-        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n:>12}" for n in column_labels(names, 12)))
     for step in range(cfg.run.steps):
         t0 = time.perf_counter()
         selection, changed = ctx.layers.select(step)
@@ -252,7 +259,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         _save_final(ctx)
     test = None
     if data.test is not None:  # the held-out test set, scored once with the final w
-        from .evaluate import evaluate_sets
+        from .scoring import evaluate_sets
 
         test = evaluate_sets(ctx, data, "w", sets=[("test", data.test)])["test"]
         writer.write_json("test.json", test)

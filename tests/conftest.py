@@ -30,3 +30,16 @@ def _single_process_env(monkeypatch, tmp_path_factory):
         monkeypatch.delenv(key, raising=False)
     # tokenized data goes to a cache shared by this session's tests, never to the user's ~/.cache
     monkeypatch.setenv("SCALEBIO_CACHE", str(tmp_path_factory.getbasetemp() / "scalebio-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The converted SmolLM2-135M-Instruct checkpoint (`scalebio models fetch smollm2-135m`), fetched
+    once per session into the session's cache, so a CI run downloads it once. Tests that use it are
+    marked ``real_model``. SCALEBIO_TEST_MODELS=DIR keeps the fetch in DIR across sessions (local work)."""
+    import os
+
+    from scalebio.fetch import fetch
+
+    root = os.environ.get("SCALEBIO_TEST_MODELS") or tmp_path_factory.getbasetemp() / "scalebio-cache"
+    return fetch("smollm2-135m", cache_dir=root, log=lambda *a: None)

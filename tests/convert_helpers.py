@@ -16,44 +16,37 @@ from scalebio.runner import DEMO_DIR, RunRequest
 
 SEQ = 32
 BATCH = 2
-# vocabularies that are not a multiple of 128: the backend pads them (and TP2 cuts inside the padding)
-BPE_VOCAB, BPE_MODEL_VOCAB = 240, 250
-SP_MODEL_VOCAB = 2050  # the demo's sentencepiece tokenizer has 2048 pieces
+# the toy configs' vocabularies are not a multiple of 128: the backend pads them (and TP2 cuts inside
+# the padding); the tokenizers have fewer pieces than that
+BPE_VOCAB = 240
 FAMILIES = ("qwen2", "llama", "mistral", "gpt2")
 
 
 def hf_config(family: str, **over):
-    """A tiny config with every feature of the family switched on (GQA, QKV bias, tying, scaling...)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    """The family's toy config (families/<family>.py, every feature of the family switched on) as a
+    transformers config object; ``over`` replaces fields."""
+    from transformers import AutoConfig
 
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
-    if family == "qwen2":  # Qwen2.5 small sizes: QKV bias, GQA, rope theta 1e6, tied embeddings
-        cfg = Qwen2Config(**common, vocab_size=BPE_MODEL_VOCAB, rope_theta=1e6, tie_word_embeddings=True,
-                          rms_norm_eps=1e-6)
-    elif family == "llama":  # Llama-3.1: llama3 rope scaling with a non-default original context
-        cfg = LlamaConfig(**common, vocab_size=SP_MODEL_VOCAB, rms_norm_eps=1e-5, rope_theta=500000.0,
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-    elif family == "mistral":  # Mistral v0.1: sliding window shorter than the test sequences
-        cfg = MistralConfig(**common, vocab_size=SP_MODEL_VOCAB, sliding_window=8, rope_theta=10000.0)
-    elif family == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=BPE_MODEL_VOCAB, n_positions=64,
-                         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=0, eos_token_id=0)
-    else:
-        raise ValueError(family)
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg
+    fields = dict(get_family(family).toy_config(), **over)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def build_hf(family: str, folder: Path, dtype=torch.float32, max_shard_size=None, seed: int = 0):
+def get_family(name: str):
+    from scalebio_plugins.megatron import families
+
+    return families.get(name)
+
+
+def vocab(family: str) -> int:
+    return get_family(family).toy_config()["vocab_size"]
+
+
+def build_hf(family: str, folder: Path, dtype=torch.float32, max_shard_size=None, seed: int = 0, **over):
     """Save a tiny random model and its tokenizer to ``folder``; returns the in-memory model (fp32, eval)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = hf_config(family)
+    cfg = hf_config(family, **over)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,7 +56,7 @@ def build_hf(family: str, folder: Path, dtype=torch.float32, max_shard_size=None
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.to(dtype).save_pretrained(folder, **kw)
     model.float()
-    if family in ("llama", "mistral"):
+    if get_family(family).toy_tokenizer == "sentencepiece":
         sentencepiece_tokenizer(folder)
     else:
         bpe_tokenizer(folder)
@@ -154,6 +147,16 @@ def megatron_logits(backend, toks, model: str = "w"):
     return out[..., : backend.run.config.model.vocab_size]
 
 
+def tp1_logit_error(hf_dir, ckpt, data, out, *sets) -> float:
+    """Max |logit difference| of a checkpoint loaded by the backend at TP1 and transformers' model."""
+    from scalebio.runner import open_run, prepare
+
+    with open_run(prepare(request(ckpt, data, out, *sets)), verbose=False) as (ctx, _):
+        toks = tokens(ctx.config.model.vocab_size)
+        got = megatron_logits(ctx.backend, toks)
+    return float((got - hf_logits(hf_dir, toks)).abs().max())
+
+
 @torch.no_grad()
 def hf_token_losses(folder, data) -> dict:
     """Token-mean cross-entropy per set with transformers, on exactly the samples a run tokenizes."""
@@ -171,6 +174,16 @@ def hf_token_losses(folder, data) -> dict:
         mask = batch.loss_mask.reshape(-1)
         out[name] = float((ce * mask).sum() / mask.sum())
     return out
+
+
+def hf_losses(hf_dir, ckpt, data, tmp_path) -> dict:
+    """transformers' token-mean losses on the samples a run with this checkpoint tokenizes."""
+    from scalebio.data import RunData
+    from scalebio.runner import prepare
+    from scalebio.tokenizer import load_tokenizer
+
+    cfg = prepare(request(ckpt, data, Path(tmp_path) / "unused")).config
+    return hf_token_losses(hf_dir, RunData(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.run.seed))
 
 
 def parallel_case(rank: int, world: int, cases: dict, tp: int, pp: int, save_root: str, vpp=None) -> dict:

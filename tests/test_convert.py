@@ -19,9 +19,7 @@ import convert_helpers as ch
 from distributed import run_ranks
 from helpers import REPO
 from scalebio.config import ConfigError, load_model
-from scalebio.data import RunData
 from scalebio.runner import open_run, prepare
-from scalebio.tokenizer import load_tokenizer
 from scalebio_plugins.megatron import checkpoint as ck
 from scalebio_plugins.megatron import hf
 
@@ -29,7 +27,7 @@ TOL = 1e-4
 
 
 def _vocab(family):
-    return ch.SP_MODEL_VOCAB if family in ("llama", "mistral") else ch.BPE_MODEL_VOCAB
+    return ch.vocab(family)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +53,7 @@ def _safetensors(folder: Path) -> dict:
 
 
 def _hf_losses(hf_dir, ckpt, data, tmp_path) -> dict:
-    """transformers' token-mean losses on the samples a run with this checkpoint tokenizes."""
-    cfg = prepare(ch.request(ckpt, data, tmp_path / "unused")).config
-    return ch.hf_token_losses(hf_dir, RunData(cfg.data, load_tokenizer(cfg.data.tokenizer), cfg.run.seed))
+    return ch.hf_losses(hf_dir, ckpt, data, tmp_path)
 
 
 def _assert_identical(a: dict, b: dict):
@@ -346,11 +342,10 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(converted, tmp_path):
     with pytest.raises(ck.CheckpointError, match="unknown architecture FalconForCausalLM; supported: GPT2LMHeadModel"):
         convert(unknown)
 
-    # Gemma-2: rejected with what megatron-core's GPTModel lacks
-    (unknown / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
-                                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                                                         sliding_window=4096)))
-    with pytest.raises(ck.CheckpointError, match="soft-capping.*sliding-window.*post-attention"):
+    # Gemma-3: recognised and refused, with what its model has that no family adapter implements
+    (unknown / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma3ForCausalLM"], model_type="gemma3")))
+    with pytest.raises(ck.CheckpointError, match="Gemma3ForCausalLM is not supported: Gemma-3 has no family adapter "
+                                                 r"\(QK norms"):
         convert(unknown)
 
     # TP that does not divide the heads (4 heads, 2 key/value groups)

@@ -152,7 +152,7 @@ def test_doremi_run_trains_the_reference_then_the_proxy_and_reports_the_average(
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = list(importlib.metadata.entry_points(group="scalebio"))
     eps.append(importlib.metadata.EntryPoint("watch", "doremi_watch", "scalebio"))
-    plugins = Plugins(["doremi"], infos=discover(eps))
+    plugins = Plugins(["doremi", "watch"], infos=discover(eps))  # an observer runs only when named
     req = tiny_request(tmp_path, "doremi.reference_fraction=0.4", "doremi.eta=5", plugins=["doremi"], steps=5)
     result = execute(prepare(req, plugins=plugins))
 

@@ -16,7 +16,7 @@ from helpers import REPO
 from scalebio.commands import COMMANDS
 
 # imports of optional extras, each behind a check with a clear message (scalebio.extras) or a fallback
-OPTIONAL = {"transformer_engine": "gpu"}
+OPTIONAL = {"transformer_engine": "gpu", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def _canon(name: str) -> str:
@@ -99,6 +99,8 @@ def _base_requirements() -> set:
 
 
 def test_every_runtime_import_is_a_declared_dependency():
+    extras = importlib.metadata.metadata("scalebio").get_all("Provides-Extra")
+    assert set(OPTIONAL.values()) <= set(extras), extras
     base = _base_requirements()
     assert not undeclared_imports(base, OPTIONAL)
     # negative control: without safetensors in the requirements (as before issue 12), it is reported

@@ -86,15 +86,46 @@ def test_selected_broken_plugin_fails_unselected_only_warns(plugin_dir):
     assert "FAILED TO IMPORT" in format_table(infos)
 
 
-def test_observers_are_registered_and_unselected_role_plugins_are_not(plugin_dir):
+def test_observers_run_only_when_named_and_unselected_role_plugins_never(plugin_dir):
     infos = discover(_eps(("other", "other_solver"), ("watch", "observer_plugin")))
-    plugins = Plugins(["lisa"], infos=infos)
-    registered = {name for name, _ in plugins.pm.list_name_plugin()}
-    assert "watch" in registered and "lisa" in registered
+    registered = {name for name, _ in Plugins(["lisa"], infos=infos).pm.list_name_plugin()}
+    assert "lisa" in registered and "watch" not in registered  # installed but not named: off
     assert "other" not in registered and "full" not in registered
+    plugins = Plugins(["lisa", "watch"], infos=infos)
+    assert "watch" in {name for name, _ in plugins.pm.list_name_plugin()}
+    assert plugins.observers == ["watch"] and "watch" not in plugins.selected.values()
     with pytest.raises(PluginError, match="'minimax' and 'other' both take the solver role"):
         Plugins(["minimax", "other"], infos=infos)
     assert Plugins(["other"], infos=infos).role_class("solver").__name__ == "Other"
+
+
+def test_builtin_loggers_are_observers_off_by_default():
+    infos = discover()
+    assert infos["tensorboard"].roles == [] and infos["wandb"].roles == []
+    assert {"scalebio_run_start", "scalebio_step_end", "scalebio_run_end"} <= set(infos["tensorboard"].hooks)
+    assert Plugins([], infos=infos).observers == []
+    registered = {name for name, _ in Plugins(["tensorboard"], infos=infos).pm.list_name_plugin()}
+    assert "tensorboard" in registered and "wandb" not in registered
+
+
+def test_missing_optional_dependency_is_quiet_until_named(plugin_dir, recwarn):
+    (plugin_dir / "needs_extra.py").write_text(textwrap.dedent("""
+        from scalebio import hookimpl
+        from scalebio.extras import require
+        require("no_such_module_for_scalebio", "fancy")
+        @hookimpl
+        def scalebio_step_end(run, step, metrics):
+            pass
+    """))
+    infos = discover(_eps(("fancy", "needs_extra")))
+    assert infos["fancy"].missing_dependency
+    Plugins(["lisa"], infos=infos)
+    assert not [w for w in recwarn if "fancy" in str(w.message)]  # not named: no warning
+    with pytest.raises(PluginError, match=r"plugin 'fancy' needs the 'no_such_module_for_scalebio' package, which "
+                                          r"is not installed: pip install 'scalebio\[fancy\]'"):
+        Plugins(["fancy"], infos=infos)
+    line = next(ln for ln in format_table(infos).splitlines() if ln.startswith("fancy "))
+    assert "NOT AVAILABLE" in line and "pip install 'scalebio[fancy]'" in line
 
 
 def test_role_hook_must_return_the_role_class(plugin_dir):

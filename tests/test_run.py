@@ -32,7 +32,7 @@ def test_observers_test_set_and_final_checkpoint(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = list(importlib.metadata.entry_points(group="scalebio"))
     eps.append(importlib.metadata.EntryPoint("watch", "run_observer", "scalebio"))
-    plugins = Plugins([], infos=discover(eps))
+    plugins = Plugins(["watch"], infos=discover(eps))  # an observer runs when named
 
     # the demo data plus a test set: a slice of held-out clean pairs
     test_file = tmp_path / "test.jsonl"

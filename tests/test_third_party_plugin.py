@@ -121,3 +121,16 @@ def test_plugin_docs_example_matches(installed):
     # the plugin authoring guide shows this same layout; keep them in step
     guide = (REPO / "docs" / "plugins.md").read_text()
     assert "[project.entry-points.scalebio]" in guide and textwrap.dedent(PYPROJECT).splitlines()[-2] in guide
+
+
+def test_third_party_runs_the_conformance_kit(installed):
+    _, env = installed
+    code = ("from scalebio.testing import check_weights\n"
+            "check_weights('fixed', options={'weights': {'a': 0.5, 'b': 0.3, 'c': 0.2}}, learns=False)\n"
+            "print('conforms')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "conforms" in proc.stdout, proc.stderr[-2000:]
+    # and the kit's own rule: a fixed plugin does not learn, so asking it to is a conformance error
+    proc = subprocess.run([sys.executable, "-c", code.replace("learns=False", "learns=True")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "ConformanceError" in proc.stderr and "update(grad, lr_scale=0)" not in proc.stderr

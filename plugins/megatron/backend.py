@@ -202,7 +202,7 @@ class MegatronBackend(Backend):
         for name in models:
             tconfig = mdl.transformer_config(model, opts, layout, dtype, self.use_te)
             tconfig.finalize_model_grads_func = _finalize_grads
-            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp)
+            chunks = mdl.build_chunks(model, tconfig, spec, self.padded_vocab, layout.vpp, self.use_te)
             # u and w start from the same weights: a checkpoint's (each rank reads its own shards), or
             # the same seeded full tensors, sharded alike
             if load:
@@ -260,7 +260,7 @@ class MegatronBackend(Backend):
         micro = micro_batches(self, train, "train") + micro_batches(self, val, "val")
         return run_schedule(self, self.replicas[model], micro, source_coef, val_token_coef, forward_only=False)
 
-    def evaluate(self, model, batch, num_sources=None) -> PassResult:
+    def evaluate(self, model, batch) -> PassResult:
         kind = "val" if bool((batch.source < 0).all()) else "train"
         with torch.no_grad():
             return run_schedule(self, self.replicas[model], micro_batches(self, batch, kind), None, 0.0,

@@ -356,41 +356,12 @@ def expected_tensors(model) -> dict:
 
     Names are megatron-core's local layer spec (the Transformer Engine spec fuses the two norms
     into the following linear layer; :func:`canonical_name` maps those back). The vocabulary is
-    not padded; a tied output layer is not stored (it is the embedding).
+    not padded; a tied output layer is not stored (it is the embedding). Which tensors a layer has
+    is the model family's (plugins/megatron/families/).
     """
-    h, heads = model.hidden_size, model.num_attention_heads
-    groups = model.num_query_groups or heads
-    hd = model.kv_channels or h // heads
-    norm_bias = model.normalization == "LayerNorm"
-    qkv_bias = model.add_qkv_bias or model.add_bias_linear
-    fc1 = model.ffn_hidden_size * (2 if model.activation == "swiglu" else 1)
-    out = {"embedding.word_embeddings.weight": (model.vocab_size, h)}
-    if model.position_embedding_type == "learned_absolute":
-        out["embedding.position_embeddings.weight"] = (model.max_sequence_length, h)
-    for i in range(model.num_layers):
-        p = f"decoder.layers.{i}."
-        layer = {
-            "input_layernorm.weight": (h,),
-            "self_attention.linear_qkv.weight": ((heads + 2 * groups) * hd, h),
-            "self_attention.linear_proj.weight": (h, heads * hd),
-            "pre_mlp_layernorm.weight": (h,),
-            "mlp.linear_fc1.weight": (fc1, h),
-            "mlp.linear_fc2.weight": (h, model.ffn_hidden_size),
-        }
-        if norm_bias:
-            layer.update({"input_layernorm.bias": (h,), "pre_mlp_layernorm.bias": (h,)})
-        if qkv_bias:
-            layer["self_attention.linear_qkv.bias"] = ((heads + 2 * groups) * hd,)
-        if model.add_bias_linear:
-            layer.update({"self_attention.linear_proj.bias": (h,), "mlp.linear_fc1.bias": (fc1,),
-                          "mlp.linear_fc2.bias": (h,)})
-        out.update({p + k: v for k, v in layer.items()})
-    out["decoder.final_layernorm.weight"] = (h,)
-    if norm_bias:
-        out["decoder.final_layernorm.bias"] = (h,)
-    if not model.share_embeddings_and_output_weights:
-        out["output_layer.weight"] = (model.vocab_size, h)
-    return out
+    from .families import get
+
+    return get(model.family).expected_tensors(model)
 
 
 # Transformer Engine's layer spec fuses each norm into the linear layer after it
@@ -413,22 +384,11 @@ def canonical_name(global_name: str, model) -> str:
 
 
 def tp_split_of(name: str, model) -> Optional[tuple]:
-    """(dim, stride) of how megatron-core splits a tensor over TP ranks, or None when replicated.
+    """(dim, stride) of how megatron-core splits a tensor over TP ranks, or None when replicated
+    (the model family's rule, ``Family.tp_split_of``)."""
+    from .families import get
 
-    By name, because megatron-core tags parameters with their split only when it initialises them
-    itself; the same rules as ColumnParallelLinear (dim 0), RowParallelLinear (weights on dim 1,
-    bias replicated) and VocabParallelEmbedding (dim 0). SwiGLU's fc1 holds [gate; up] and each
-    rank keeps its part of both: stride 2.
-    """
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        return (0, 1)
-    if name.endswith("self_attention.linear_qkv.weight") or name.endswith("self_attention.linear_qkv.bias"):
-        return (0, 1)
-    if name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias"):
-        return (0, 2 if model.activation == "swiglu" else 1)
-    if name.endswith("self_attention.linear_proj.weight") or name.endswith("mlp.linear_fc2.weight"):
-        return (1, 1)
-    return None
+    return get(model.family).tp_split_of(name, model)
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -483,11 +443,12 @@ def model_fields(model) -> dict:
 
 # Fields that decide the weights and the numerics; a checkpoint and a run must agree on all of them.
 ARCH_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-               "ffn_hidden_size", "vocab_size", "normalization", "layernorm_epsilon", "activation", "add_qkv_bias",
-               "add_bias_linear", "position_embedding_type", "rotary_base", "rotary_percent",
-               "share_embeddings_and_output_weights", "rope_scaling", "rope_scaling_factor",
-               "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
-               "rope_scaling_original_max_position_embeddings", "window_size")
+               "ffn_hidden_size", "vocab_size", "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma",
+               "activation", "add_qkv_bias", "add_bias_linear", "parallel_residual", "position_embedding_type",
+               "rotary_base", "rotary_percent", "share_embeddings_and_output_weights", "embedding_multiplier",
+               "rope_scaling", "rope_scaling_type", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+               "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings", "softmax_scale",
+               "window_size", "window_attn_skip_freq", "attn_logit_softcapping", "final_logit_softcapping")
 
 
 def arch_values(model) -> dict:
@@ -505,10 +466,23 @@ def arch_values(model) -> dict:
     d["num_query_groups"] = d.get("num_query_groups") or heads
     d["kv_channels"] = d.get("kv_channels") or d["hidden_size"] // heads
     d["add_qkv_bias"] = bool(d.get("add_qkv_bias")) or bool(d.get("add_bias_linear"))
+    if d.get("softmax_scale") is None:
+        d["softmax_scale"] = d["kv_channels"] ** -0.5
     if d.get("window_size") is not None:
         d["window_size"] = tuple(d["window_size"])
+        freq = d.get("window_attn_skip_freq")
+        if isinstance(freq, (list, tuple)):  # a list that says what an integer frequency says is that frequency
+            n = d["num_layers"]
+            same = [k for k in range(1, n + 1) if [int((i + 1) % k != 0) for i in range(n)] == list(freq)]
+            d["window_attn_skip_freq"] = same[0] if same else (None if all(freq) else tuple(freq))
+    else:
+        d["window_attn_skip_freq"] = None
     if not d.get("rope_scaling"):
-        for k in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+        for k in ("rope_scaling_type", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                  "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings"):
+            d[k] = None
+    elif d.get("rope_scaling_type") == "linear":  # linear scaling reads the factor only
+        for k in ("rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
                   "rope_scaling_original_max_position_embeddings"):
             d[k] = None
     if d.get("position_embedding_type") != "rope":

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import families
+from .families.base import is_gated
 from .layout import Layout
 from .model import padded_vocab_size
 
@@ -88,18 +90,13 @@ def stage_layers(num_layers: int, layout: Layout) -> list:
 
 
 def layer_params(m, tp: int) -> int:
-    """Parameters of one decoder layer on one tensor-parallel rank."""
-    h, f = m.hidden_size, m.ffn_hidden_size
-    kv_ch = m.kv_channels or h // m.num_attention_heads
-    q_dim = m.num_attention_heads * kv_ch
-    kv_dim = (m.num_query_groups or m.num_attention_heads) * kv_ch
-    gated = m.activation == "swiglu"
-    norm = 2 * h if m.normalization == "LayerNorm" else h
-    n = 2 * norm
-    n += (q_dim + 2 * kv_dim) * h // tp + (q_dim + 2 * kv_dim) // tp * (m.add_qkv_bias or m.add_bias_linear)
-    n += h * q_dim // tp + h * m.add_bias_linear
-    n += (2 if gated else 1) * f * h // tp + (2 if gated else 1) * f // tp * m.add_bias_linear
-    n += h * f // tp + h * m.add_bias_linear
+    """Parameters of one decoder layer on one tensor-parallel rank: the model family's tensors of a
+    layer, split ones divided over TP, replicated ones (norms, row-parallel biases) whole."""
+    family = families.get(m.family)
+    n = 0
+    for name, shape in family.layer_tensors(m).items():
+        numel = math.prod(shape)
+        n += numel // tp if family.tp_split_of(f"decoder.layers.0.{name}", m) is not None else numel
     return n
 
 
@@ -141,7 +138,7 @@ def layer_activation_bytes(m, tp: int, micro_batch: int, seq: int, dtype_bytes: 
     tokens = b * s
     rms = m.normalization == "RMSNorm"
     mha = (m.num_query_groups or a) == a
-    swiglu = m.activation == "swiglu"
+    swiglu = is_gated(m.activation)  # SwiGLU or GeGLU
     if frozen:
         replicated = 2 * h
         split = 3 * h + (2 * h if mha else 0) + (4 * f if swiglu else f)
@@ -194,8 +191,10 @@ def plan(m, layout: Layout, work: Workload) -> Plan:
     dtype_bytes = 2 if work.precision == "bf16" else 4
     padded = padded_vocab_size(m.vocab_size, work.make_vocab_size_divisible_by, tp)
     per_layer = layer_params(m, tp)
+    # a family whose attention TE cannot compute (Gemma-2's soft-capping) keeps the s^2 scores under TE too
+    te_attention = work.transformer_engine and families.get(m.family).te_core_attention
     act_layer, act_frozen = (layer_activation_bytes(m, tp, work.micro_batch, work.seq_length, dtype_bytes,
-                                                    work.transformer_engine, frozen) for frozen in (False, True))
+                                                    te_attention, frozen) for frozen in (False, True))
     counts = stage_layers(m.num_layers, layout)
     # micro-batches of w's pass (training and validation rows together) on one data-parallel rank
     micro = max(1, (work.global_batch + work.val_batch) // (work.micro_batch * layout.dp))

@@ -1,9 +1,10 @@
 """From a scalebio ModelConfig to megatron-core GPTModel chunks, with layout-independent init.
 
-Everything model-specific that the backend needs lives here: the TransformerConfig, the layer
-spec (Transformer Engine when it imports and CUDA is present, the local spec otherwise), vocab
-padding for tensor parallelism (masked out of the loss), the split of a full tensor into this
-rank's shard, and a seeded initialisation that gives the same full weights at any TP/PP layout.
+What the backend needs to build a model lives here: the TransformerConfig, the layer spec
+(Transformer Engine when it imports and CUDA is present, the local spec otherwise; the model
+family's, see families/), vocab padding for tensor parallelism (masked out of the loss), the split
+of a full tensor into this rank's shard, and a seeded initialisation that gives the same full
+weights at any TP/PP layout.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from scalebio.config import ConfigError
+
+from . import families
+from .families.base import is_gated
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -51,8 +55,8 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
     """The megatron-core TransformerConfig of ``model`` (scalebio.config.ModelConfig)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    activation = {"swiglu": F.silu, "silu": F.silu, "gelu": F.gelu,
-                  "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[model.activation]
+    activation = {"swiglu": F.silu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh,
+                  "geglu_tanh": _gelu_tanh}[model.activation]
     kw = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -62,11 +66,13 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
         ffn_hidden_size=model.ffn_hidden_size,
         normalization=model.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
-        gated_linear_unit=model.activation == "swiglu",
+        layernorm_zero_centered_gamma=model.layernorm_zero_centered_gamma,
+        gated_linear_unit=is_gated(model.activation),
         activation_func=activation,
         add_qkv_bias=model.add_qkv_bias,
         add_bias_linear=model.add_bias_linear,
         init_method_std=model.init_method_std,
+        softmax_scale=model.softmax_scale,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,
@@ -88,14 +94,17 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
         perform_initialization=True,
         gradient_accumulation_fusion=use_te,
         apply_rope_fusion=use_te,
-        bias_activation_fusion=use_te,
+        # megatron's fused GELU kernels compute the tanh approximation for F.gelu and reject any other
+        # function: only the SwiGLU kernel computes what the model asks for
+        bias_activation_fusion=use_te and model.activation == "swiglu",
         bias_dropout_fusion=use_te,
         masked_softmax_fusion=use_te,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # the default "full" is deprecated and warns on every build
     )
-    if model.window_size is not None:  # sliding-window attention (Mistral v0.1)
+    if model.window_size is not None:  # sliding-window attention (Mistral v0.1; Gemma-2 on every other layer)
         kw["window_size"] = tuple(model.window_size)
+        kw["window_attn_skip_freq"] = model.window_attn_skip_freq
     if layout.first_stage_layers is not None:
         kw["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
     if layout.last_stage_layers is not None:
@@ -103,25 +112,33 @@ def transformer_config(model, opts, layout, dtype: torch.dtype, use_te: bool):
     return TransformerConfig(**kw)
 
 
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
 def layer_spec(model, use_te: bool):
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization=model.normalization)
+    """The model family's megatron-core layer spec."""
+    return families.get(model.family).layer_spec(model, use_te)
 
 
-def build_chunks(model, config, spec, padded_vocab: int, vpp: int | None):
+def build_chunks(model, config, spec, padded_vocab: int, vpp: int | None, use_te: bool = False):
     """This rank's GPTModel chunk(s): one, or ``vpp`` for the interleaved schedule."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+    family = families.get(model.family)
+    final_norm = family.final_norm(model, use_te)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        block = spec
+        if final_norm is not None:  # a block spec, to name the final norm's module
+            block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=stage),
+                                               layer_norm=final_norm)
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block,
             vocab_size=padded_vocab,
             max_sequence_length=model.max_sequence_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -131,35 +148,15 @@ def build_chunks(model, config, spec, padded_vocab: int, vpp: int | None):
             position_embedding_type=model.position_embedding_type,
             rotary_base=model.rotary_base,
             rotary_percent=model.rotary_percent,
-            rope_scaling=model.rope_scaling,
+            # megatron-core's own scaling is llama3's; every type is recomputed by the family below
+            rope_scaling=model.rope_scaling and model.rope_scaling_type == "llama3",
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=stage,
         )
-        if model.rope_scaling:
-            _apply_llama3_rope_scaling(chunk, model)
+        family.customize(chunk, model)
         chunk.vp_stage = stage
         chunks.append(chunk)
     return chunks
-
-
-def _apply_llama3_rope_scaling(chunk, model) -> None:
-    """Llama-3.1 RoPE scaling with the model's own parameters.
-
-    megatron-core 0.16 applies the same formula as transformers' ``llama3`` rope type but hard-codes
-    low_freq_factor=1, high_freq_factor=4 and original_max_position_embeddings=8192; recompute the
-    frequencies with the configured values (identical to megatron's when they are the defaults).
-    """
-    rope = getattr(chunk, "rotary_pos_emb", None)
-    if rope is None:
-        return
-    dim = model.kv_channels or model.hidden_size // model.num_attention_heads
-    if model.rotary_percent < 1.0:
-        dim = int(dim * model.rotary_percent)
-    base = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rope.inv_freq = rope._apply_scaling(
-        base.to(rope.inv_freq.device), factor=model.rope_scaling_factor,
-        low_freq_factor=model.rope_scaling_low_freq_factor, high_freq_factor=model.rope_scaling_high_freq_factor,
-        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
 
 
 # --------------------------------------------------------------------------- names and shards
@@ -225,7 +222,7 @@ def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None
     parameter's device and this rank keeps its shard (the same on every layout of one device type;
     CPU and CUDA generators differ). Distributions follow megatron-core's defaults: N(0, std) for
     weights and embeddings, N(0, std / sqrt(2 * num_layers)) for the two output projections
-    of each layer, ones for norm weights, zeros for biases.
+    of each layer, ones for norm weights (zeros for (1 + w) norms), zeros for biases.
     """
     std = model.init_method_std
     scaled = std / math.sqrt(2.0 * model.num_layers)
@@ -239,7 +236,8 @@ def init_weights_(chunks, model, seed: int, tp_rank: int, tp_world: int) -> None
             leaf = name.rsplit(".", 1)[-1]
             dev = param.device  # draw where the parameter lives: a GPU draws its own shards fast
             if "layernorm" in name or leaf.startswith("layer_norm"):  # local spec / TE fused norms
-                full = torch.ones(shape, device=dev) if leaf.endswith("weight") else torch.zeros(shape, device=dev)
+                one = leaf.endswith("weight") and not model.layernorm_zero_centered_gamma
+                full = torch.ones(shape, device=dev) if one else torch.zeros(shape, device=dev)
             elif name.endswith("bias"):
                 full = torch.zeros(shape, device=dev)
             else:

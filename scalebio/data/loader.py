@@ -105,6 +105,11 @@ class TokenizedSet:
         if self.skipped:
             examples = self.store.info.get("skip_examples") or []
             line += f", {self.skipped} malformed records skipped" + (f" (first: {examples[0]})" if examples else "")
+        empty = int(self.store.info.get("empty", 0))
+        if empty:  # data.on_empty: skipped by default, or kept
+            how = "kept" if self.store.info.get("on_empty") == "keep" else "skipped"
+            first = (self.store.info.get("empty_examples") or ["?"])[0]
+            line += f", {empty} with an empty response {how} (first: {first})"
         if self.status.get("cached"):
             how = "from cache"
         elif self.status.get("key"):
