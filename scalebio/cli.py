@@ -1,5 +1,5 @@
 """Command line: ``scalebio run|plugins|models [fetch NAME]|prepare|export|eval`` here, and the subcommands
-of :mod:`scalebio.commands` (train, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
+of :mod:`scalebio.commands` (train, compare, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
 ``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
 ``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
 ``scalebio convert``, ``tools/plan.py`` ``scalebio plan``, ``tools/bench.py`` ``scalebio bench``."""

@@ -204,7 +204,8 @@ def test_bf16_lisa_train_run_is_deterministic_and_seeded(tmp_path):
                            "train.eval_samples=0", plugins=["lisa"], steps=4)
         req.seed = seed
         train(req, "uniform")
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in _records(tmp_path / name / "run")]
+        timing = ("time_s", "tokens_per_s", "peak_memory_bytes")  # measurements, not results
+        return [{k: v for k, v in r.items() if k not in timing} for r in _records(tmp_path / name / "run")]
 
     a, b, c = run("a", 1), run("b", 1), run("c", 2)
     assert a == b
@@ -225,8 +226,7 @@ def _train_layout(rank, world, out, sets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, sets", [(2, ()), (2, ("megatron.pp=2",)), (2, ("megatron.tp=2",))],
-                         ids=["dp2", "pp2", "tp2"])
+@pytest.mark.parametrize("world, sets", [(2, ()), (2, ("megatron.pp=2",))], ids=["dp2", "pp2"])
 def test_layouts_match_one_process(tmp_path, world, sets):
     from distributed import run_ranks
 
@@ -240,7 +240,8 @@ def test_layouts_match_one_process(tmp_path, world, sets):
             assert abs(a[key] - b[key]) < 1e-5 * max(1, abs(a[key])), (key, a[key], b[key])
     ea = json.loads((tmp_path / "one" / "run" / "eval.json").read_text())
     eb = json.loads((tmp_path / "many" / "run" / "eval.json").read_text())
-    assert abs(ea["test"]["loss"] - eb["test"]["loss"]) < 1e-5
+    assert all(abs(ea["sources"][n]["loss"] - eb["sources"][n]["loss"]) < 1e-5 for n in PI)
+    assert abs(ea["validation"]["loss"] - eb["validation"]["loss"]) < 1e-5
     assert one[-1]["train_loss_w"] != one[0]["train_loss_w"]  # it trained, so equality means something
 
 

@@ -19,6 +19,7 @@ EXIT_USAGE, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 #: subcommand -> module of this package, in the order ``scalebio --help`` lists them.
 COMMANDS = {
     "train": "train",
+    "compare": "compare",
     "convert": "convert",
     "plan": "plan",
     "bench": "bench",
