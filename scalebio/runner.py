@@ -19,6 +19,7 @@ from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to
 from .data import RunData
 from .outputs import RunWriter, run_metadata, step_resources, weights_table
 from .plugins import Plugins
+from .recipes import resolve as resolve_recipe
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
 
@@ -82,8 +83,8 @@ def build_layers(req: RunRequest) -> tuple:
         layers.add({"run": {"load": str(Path(req.load).resolve())}}, f"--load {req.load}")
         if not layers.data["data"].get("tokenizer"):  # the checkpoint's own tokenizer files
             layers.add({"tokenizer": {"path": str(req.load)}}, f"--load {req.load}", ("data",))
-    for path in req.configs:
-        layers.add_file(path)
+    for path in req.configs:  # a file, or the name of a shipped recipe (scalebio/recipes/)
+        layers.add_file(resolve_recipe(path))
     for flag, section, key in ((req.steps, "run", "steps"), (req.out, "run", "out"), (req.seed, "run", "seed")):
         if flag is not None:
             layers.add({section: {key: flag}}, f"--{key} {flag}")
