@@ -1,11 +1,12 @@
 """Command line: ``scalebio run|plugins|models [fetch NAME]|prepare|export|eval`` here, and the subcommands
-of :mod:`scalebio.commands` (convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
+of :mod:`scalebio.commands` (train, convert, plan, bench, bench-parallel). ``tools/*.py`` are thin wrappers:
 ``tools/run.py`` is ``scalebio run``, ``tools/evaluate.py`` ``scalebio eval``, ``tools/prepare_data.py``
 ``scalebio prepare``, ``tools/export_mixture.py`` ``scalebio export``, ``tools/convert.py``
 ``scalebio convert``, ``tools/plan.py`` ``scalebio plan``, ``tools/bench.py`` ``scalebio bench``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import COMMANDS
@@ -74,16 +75,26 @@ def cmd_fetch(args) -> int:
                     "interrupted (nothing half-written is left in the cache)")
 
 
+def names(text: str) -> tuple:
+    """``a,b`` -> ``("a", "b")``."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def run_request(args):
+    """The RunRequest of parsed :func:`add_run_arguments` (``scalebio run`` and ``scalebio train``)."""
+    from .runner import RunRequest
+
+    return RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
+                      plugins=names(args.plugins), steps=args.steps, out=args.out, seed=args.seed,
+                      overwrite=args.overwrite, tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
+
+
 def cmd_run(args) -> int:
     if args.list_plugins:
         return cmd_plugins()
-    from .runner import RunRequest, run
+    from .runner import run
 
-    req = RunRequest(model=args.model, data=args.data, configs=tuple(args.config), sets=tuple(args.sets),
-                     plugins=tuple(p.strip() for p in args.plugins.split(",") if p.strip()),
-                     steps=args.steps, out=args.out, seed=args.seed, overwrite=args.overwrite,
-                     tp=args.tp, pp=args.pp, vpp=args.vpp, load=args.load)
-    return _guarded(lambda: run(req))
+    return _guarded(lambda: run(run_request(args)))
 
 
 def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:
@@ -100,6 +111,10 @@ def cmd_prepare(args) -> int:
 
     if args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.workers > 4 * cores:  # each worker holds a tokenizer: far more than the cores only costs memory
+        return _fail(f"--workers {args.workers}: this process may use {cores} CPU cores; give at most {cores} "
+                     f"(more than {4 * cores} is refused)")
 
     def action():
         cfg = load_data_config(args.data, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
@@ -111,10 +126,13 @@ def cmd_prepare(args) -> int:
 def add_export_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", required=True, metavar="RUN_DIR/weights.json", help="a run's learned weights")
     ap.add_argument("--data", required=True, metavar="DATA.yaml", help="the data YAML with the same source names")
-    ap.add_argument("--size", type=int, required=True, metavar="N", help="examples in the mixture")
-    ap.add_argument("--out", required=True, metavar="PATH", help="output file: .jsonl or .parquet")
-    ap.add_argument("--format", choices=["jsonl", "parquet"], default=None,
-                    help="output format (default: from the --out extension, else jsonl)")
+    ap.add_argument("--size", type=int, default=None, metavar="N",
+                    help="examples in the mixture (jsonl, parquet; a Megatron blend holds every example)")
+    ap.add_argument("--out", required=True, metavar="PATH",
+                    help="output: a .jsonl or .parquet file, or a directory for --format megatron")
+    ap.add_argument("--format", choices=["jsonl", "parquet", "megatron"], default=None,
+                    help="output format (default: from the --out extension, else jsonl); megatron: indexed "
+                         "datasets per source, the --data-path blend and a Megatron-Bridge/NeMo blend YAML")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the draw and the shuffle (default 1234)")
     ap.add_argument("--with-validation", action="store_true", help="append the validation set after the mixture")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -126,7 +144,8 @@ def cmd_export(args) -> int:
 
     return _guarded(lambda: export_mixture(
         read_weights(args.weights), load_data_config(args.data), args.size, args.out, seed=args.seed,
-        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite))
+        with_validation=args.with_validation, fmt=args.format, overwrite=args.overwrite, weights_path=args.weights,
+        inputs=(args.weights, args.data)))
 
 
 def run_main(argv=None) -> int:

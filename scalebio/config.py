@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import string
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -19,7 +23,15 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """Invalid configuration. The message names the key and where it came from."""
+    """Invalid configuration. The message names the key and where it came from.
+
+    A ``validate()`` method may name the fields its error is about (``keys=("lr",)``); otherwise
+    :func:`parse` takes the fields the message mentions. Either way the error is prefixed with
+    where those keys were set (the file or flag of each), not where their section began."""
+
+    def __init__(self, message: str = "", keys: tuple = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -47,9 +59,11 @@ def load_yaml(path) -> dict:
     """Read a YAML mapping; parse errors name the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML file (not valid UTF-8 at byte {exc.start + 1})") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -64,11 +78,20 @@ def load_yaml(path) -> dict:
     return data
 
 
+def _absolute_path(value: str, base: Path) -> str:
+    """A ``path`` value of a YAML file: ``~`` expanded (no shell did it), a relative path resolved
+    against the file's own directory; URLs as given."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
 def _absolutize_paths(data, base: Path):
     """Resolve relative ``path`` values in a YAML file against the file's own directory."""
     if isinstance(data, dict):
-        return {k: (str((base / v).resolve()) if k == "path" and isinstance(v, str) and not Path(v).is_absolute()
-                    and "://" not in v else _absolutize_paths(v, base)) for k, v in data.items()}
+        return {k: (_absolute_path(v, base) if k == "path" and isinstance(v, str)
+                    else _absolutize_paths(v, base)) for k, v in data.items()}
     if isinstance(data, list):
         return [_absolutize_paths(v, base) for v in data]
     return data
@@ -115,6 +138,14 @@ class Layers:
             if path[:i] in self.origin:
                 return self.origin[path[:i]]
         return "the defaults"
+
+    def given(self, path: tuple) -> bool:
+        """Whether some layer set this key (as opposed to a default)."""
+        return tuple(path) in self.origin
+
+    def origin_of(self, path: tuple) -> str:
+        """Where a key was set, or "the default" when no layer set it."""
+        return self.origin[tuple(path)] if self.given(path) else "the default"
 
     def add_file(self, path, section: Optional[str] = None) -> None:
         path = Path(path)
@@ -270,8 +301,24 @@ def parse(cls, data, where: Callable = lambda path: "config", path: tuple = ()):
         try:
             check()
         except ConfigError as exc:
-            raise ConfigError(f"{where(path)}: {exc}") from None
+            raise ConfigError(f"{_blame(exc, fields, aliases, data, path, where)}: {exc}",
+                              keys=exc.keys) from None
     return obj
+
+
+def _blame(exc: ConfigError, fields: dict, aliases: dict, data: dict, path: tuple, where: Callable) -> str:
+    """Where the keys a validate() error is about were set: the keys it names (``exc.keys``) or,
+    failing that, the fields its message mentions; their origins in layer order. Falls back to the
+    section's origin when none of them was set by a layer."""
+    names = exc.keys or tuple(n for n in fields if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", str(exc)))
+    given = {aliases.get(k, k): k for k in data}  # field name -> the spelling the layer used
+    origins = []
+    for name in names:
+        if name in given:
+            origin = where(path + (given[name],))
+            if origin not in origins:
+                origins.append(origin)
+    return " and ".join(origins) if origins else where(path)
 
 
 def to_dict(obj) -> Any:
@@ -306,7 +353,29 @@ class RunOptions:
     def validate(self):
         for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"run.{name} must be at least 1, got {getattr(self, name)}", keys=(name,))
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"run.seed must be in [0, 2**32), got {self.seed}", keys=("seed",))
+        check_out_template(self.out)
+
+
+OUT_PLACEHOLDERS = ("model", "time")
+
+
+def check_out_template(out: str) -> None:
+    """``run.out`` may use ``{model}`` and ``{time}``; anything else in braces is an error here, not
+    a KeyError when the run directory is made."""
+    if not out.strip():
+        raise ConfigError("run.out is empty: give a run directory", keys=("out",))
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(out) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"run.out {out!r}: {exc}; the placeholders are {{model}} and {{time}}, and a literal "
+                          f"brace is written twice ({{{{ or }}}})", keys=("out",)) from None
+    unknown = [n for n in names if n not in OUT_PLACEHOLDERS]
+    if unknown:
+        raise ConfigError(f"run.out {out!r}: unknown placeholder {{{unknown[0]}}}; the placeholders are {{model}} and "
+                          f"{{time}} (a literal brace is written twice: {{{{ or }}}})", keys=("out",))
 
 
 @dataclass
@@ -326,10 +395,26 @@ class OptimOptions:
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
 
     def validate(self):
+        for name in ("lr", "lr_u", "lr_w", "weight_decay", "adam_eps", "clip_grad", "warmup", "min_lr_ratio",
+                     "adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"optim.{name} must be a finite number, got {value}", keys=(name,))
+        for name in ("lr", "lr_u", "lr_w", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {value}", keys=(name,))
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}", keys=(name,))
+        if self.adam_eps <= 0:
+            raise ConfigError(f"optim.adam_eps must be positive, got {self.adam_eps}", keys=("adam_eps",))
         if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"optim.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+            raise ConfigError(f"optim.warmup is a fraction of the steps in [0, 1), got {self.warmup}", keys=("warmup",))
         if self.clip_grad < 0:
-            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}", keys=("clip_grad",))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", keys=("min_lr_ratio",))
 
     @property
     def lr_u_value(self) -> float:
@@ -398,6 +483,18 @@ class ModelConfig:
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                     "ffn_hidden_size", "vocab_size", "max_sequence_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {value}", keys=(name,))
+        for name in ("layernorm_epsilon", "rotary_base", "init_method_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.{name} must be a positive number, got {value}", keys=(name,))
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}",
+                              keys=("rotary_percent",))
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups:
             raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -452,6 +549,7 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)  # format field -> the name in this data
     max_samples: Optional[int] = None  # keep the first N valid records
     on_error: Optional[Literal["error", "skip"]] = None  # a malformed record; null: data.on_error
+    on_empty: Optional[Literal["skip", "keep", "error"]] = None  # an empty response; null: data.on_empty
 
     def validate(self):
         if (self.path is None) == (self.dataset is None):
@@ -477,6 +575,37 @@ class TokenizerConfig:
     chat_template: Optional[str] = None
 
 
+# the names of the held-out sets, wherever sets are named together (evaluation, exports, reports)
+RESERVED_SOURCE_NAMES = ("validation", "test")
+
+
+def source_name_problems(names) -> list:
+    """Why these training-source names cannot be used (empty when they can): a name must be
+    non-empty, free of control characters and path separators (exports name files after it), not
+    ``validation`` or ``test`` in any case (the held-out sets' names: such a source would be
+    exported, and scored, as if it were one), and different from every other name in more than
+    case (files named after them would collide on case-insensitive file systems)."""
+    problems, seen = [], {}
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"a source name is empty ({name!r}): name every source")
+            continue
+        control = [c for c in name if unicodedata.category(c) == "Cc"]
+        if control:
+            problems.append(f"source name {name!r} holds a control character (U+{ord(control[0]):04X}); rename it")
+        if "/" in name or "\\" in name:
+            problems.append(f"source name {name!r} holds a path separator; exports name files after sources, "
+                            f"rename it (e.g. {name.replace('/', '-').replace(chr(92), '-')!r})")
+        if name.casefold() in RESERVED_SOURCE_NAMES:
+            problems.append(f"source name {name!r} is reserved for the held-out set of that name: put held-out data "
+                            f"under data.validation or data.test, and give a training source another name (a source "
+                            f"called {name!r} would be exported into the mixture and reported as the held-out set)")
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            problems.append(f"source names {other!r} and {name!r} differ only in case; rename one")
+    return problems
+
+
 @dataclass
 class DataConfig:
     """``data:`` named training sources, the validation and test sets, the tokenizer, batching."""
@@ -487,14 +616,20 @@ class DataConfig:
     tokenizer: Optional[TokenizerConfig] = None
     seq_length: int = 1024
     packing: bool = False  # several samples per row, with per-sample boundaries kept
-    sampling: Literal["uniform", "stratified"] = "uniform"
+    # weighted: rows drawn with pi as sampling probabilities (scalebio train), not weighted in the loss
+    sampling: Literal["uniform", "stratified", "weighted"] = "uniform"
     batch_counts: dict[str, int] = field(default_factory=dict)  # stratified: samples per source per batch
     on_error: Literal["error", "skip"] = "error"  # a malformed record: stop, or skip and count it
+    # a record whose response is empty (only EOS or the end-of-turn marker would be supervised)
+    on_empty: Literal["skip", "keep", "error"] = "skip"
     overlap: Literal["error", "warn"] = "error"  # validation/test examples duplicated in a training source
     cache: bool = True  # keep tokenized sources on disk
     cache_dir: Optional[str] = None  # null: $SCALEBIO_CACHE or ~/.cache/scalebio
 
     def validate(self):
+        problems = source_name_problems(self.sources)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.seq_length < 2:
             raise ConfigError(f"seq_length must be at least 2, got {self.seq_length}")
         if self.batch_counts and self.sampling != "stratified":
@@ -508,6 +643,16 @@ class DataConfig:
             raise ConfigError(f"batch_counts must give a count for every source; missing: {', '.join(missing)}")
         if any(c < 1 for c in self.batch_counts.values()):
             raise ConfigError(f"batch_counts must be at least 1 per source, got {self.batch_counts}")
+        seen = {}
+        for name in sorted(self.sources):
+            src = self.sources[name]
+            same = (src.path, src.dataset, src.subset, src.split, src.revision, src.format, src.file_type,
+                    tuple(sorted(src.columns.items())))
+            if same in seen:
+                raise ConfigError(f"sources '{seen[same]}' and '{name}' read the same data ({src.path or src.dataset}, "
+                                  f"format {src.format}): their weights would split one source's share; remove one",
+                                  keys=("sources",))
+            seen[same] = name
         if self.packing and self.sampling == "stratified":
             raise ConfigError("packing and sampling: stratified do not combine (a packed batch has a fixed number "
                               "of rows, not of samples per source); choose one")
@@ -525,6 +670,7 @@ class RunConfig:
     plugins: list  # names asked for (config file ``plugins:`` plus ``--plugins``)
     sections: dict  # raw plugin option sections by plugin name
     layers: Layers = field(repr=False, default=None)
+    warnings: list = field(default_factory=list)  # shown with the data summary when the run opens
 
     def plugin_options(self, plugin_name: str, options_cls):
         """Parse the section named after a plugin into its Options dataclass."""
@@ -555,7 +701,7 @@ def parse_layers(layers: Layers, plugin_names) -> RunConfig:
     if isinstance(plugins, str):
         plugins = [p.strip() for p in plugins.split(",")]
     plugins = _coerce(list[str], plugins, ("plugins",), layers.where)
-    return RunConfig(
+    config = RunConfig(
         run=parse(RunOptions, data.get("run"), layers.where, ("run",)),
         optim=parse(OptimOptions, data.get("optim"), layers.where, ("optim",)),
         model=parse(ModelConfig, data.get("model"), layers.where, ("model",)),
@@ -564,6 +710,23 @@ def parse_layers(layers: Layers, plugin_names) -> RunConfig:
         sections={k: v for k, v in data.items() if k not in CORE_SECTIONS},
         layers=layers,
     )
+    config.warnings += _check_sequence_length(config, layers)
+    return config
+
+
+def _check_sequence_length(config: RunConfig, layers: Layers) -> list:
+    """Rows longer than the model's positions: an error with learned position embeddings (there is
+    no embedding past the table), a warning with RoPE (it extrapolates, with no quality assured)."""
+    seq, limit = config.data.seq_length, config.model.max_sequence_length
+    if seq <= limit:
+        return []
+    where = (f"data.seq_length={seq} ({layers.origin_of(('data', 'seq_length'))}) exceeds model.max_sequence_length="
+             f"{limit} ({layers.origin_of(('model', 'max_sequence_length'))})")
+    if config.model.position_embedding_type == "learned_absolute":
+        raise ConfigError(f"{where}, the size of the model's learned position embeddings; set data.seq_length to at "
+                          f"most {limit}")
+    return [f"warning: {where}, the length the model was trained for; RoPE extrapolates past it, but the model "
+            f"has not seen such positions"]
 
 
 # --------------------------------------------------------------------------- model lookup
@@ -583,10 +746,15 @@ def find_model(name: str) -> Path:
     """A path to a model YAML, or the name of one in model_configs/."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.exists():
+        if not p.is_file():
+            raise ConfigError(f"--model {name}: a directory, not a model YAML file")
         return p
     candidate = model_configs_dir() / f"{name}.yaml"
     if candidate.exists():
         return candidate
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:  # meant as a path
+        raise ConfigError(f"--model {name}: the file does not exist (a model YAML path, or a name from "
+                          f"`scalebio models`: {', '.join(available_models())})")
     hint = difflib.get_close_matches(name, available_models(), n=1)
     hint = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise ConfigError(f"unknown model '{name}'{hint}: not a YAML file and not in {model_configs_dir()}. "

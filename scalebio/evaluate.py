@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .outputs import atomic_write, check_output_path
 from .scoring import evaluate_sets
 
 __all__ = ["evaluate", "evaluate_sets", "add_arguments", "main", "eval_main"]
@@ -62,14 +63,29 @@ def main(args) -> int:
                      sets=("run.save_final=false",) + tuple(args.sets), load=args.load)
 
     def action():
+        main = int(os.environ.get("RANK", "0")) == 0
+        if args.output and main:  # before any data is read or model built
+            _check_output(Path(args.output), args)
         result = evaluate(req)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main:
             text = json.dumps(result, indent=2)
             print(text)
             if args.output:
-                Path(args.output).write_text(text + "\n")
+                atomic_write(Path(args.output), text + "\n")
 
     return guarded(action)
+
+
+def _check_output(out: Path, args) -> None:
+    """--output: writable, and not one of the inputs (the data YAML, a config, the checkpoint)."""
+    from .config import ConfigError
+
+    check_output_path(out, "--output")
+    for given in [args.data, *args.config] + ([args.model] if args.model else []):
+        if Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise ConfigError(f"--output {out} is an input of the evaluation ({given}); give another file")
+    if out.resolve().is_relative_to(Path(args.load).resolve()):
+        raise ConfigError(f"--output {out} lies inside the checkpoint {args.load}; give a file elsewhere")
 
 
 def eval_main(argv=None, prog: str = "scalebio eval") -> int:

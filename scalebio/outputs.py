@@ -9,21 +9,108 @@ import importlib.metadata
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from .config import ConfigError
+
+# a file system with less free space than this cannot take a run's outputs (or an export)
+MIN_FREE_BYTES = 4 << 20
+# what a run writes in its directory: --overwrite removes these and nothing else
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "weights.json", "pi.csv", "pi.png", "test.json", "final",
+               "final.partial", "checkpoints")
+
+
+def _tmp_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary file of :func:`atomic_write` (left only by a killed process)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def write_error(path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write {path}: {exc.strerror or exc}; free some space or give another output path")
+
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it into place. A failure
+    (a full disk, say) leaves neither a temporary file nor a torn ``path``, and is a ConfigError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+
+
+def check_output_path(path, what: str, directory: bool = False, min_free: int = MIN_FREE_BYTES) -> None:
+    """Refuse, before any heavy work, an output that cannot be written: a file where a directory
+    is wanted (or the reverse), a path under a file, a read-only place, a full file system. Creates
+    nothing."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if directory and not path.is_dir():
+            raise ConfigError(f"{what} {path} is a file, not a directory; give another path")
+        if not directory and path.is_dir():
+            raise ConfigError(f"{what} {path} is a directory; give a file name")
+    base = path if directory and path.is_dir() else path.parent
+    while not base.exists():  # the nearest existing ancestor: everything below it is created
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{what} {path}: {base} is a file, so nothing can be written under it; give another path")
+    try:  # a real probe: permission bits say nothing about a read-only mount, or to root
+        tempfile.TemporaryFile(dir=base, prefix=".scalebio-probe-").close()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write in {base} ({exc.strerror}); give a writable path") from None
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    if free < min_free:
+        raise ConfigError(f"{what} {path}: the file system of {base} is full ({free >> 10} KiB free); free some "
+                          f"space or give another path")
+
+
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """A run directory must be new or empty; with ``overwrite`` it may hold an earlier run's
+    outputs (RUN_OUTPUTS), but nothing else."""
+    check_output_path(out, "run directory", directory=True)
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ConfigError(f"run directory {out} already exists and is not empty; give another --out or pass "
+                          f"--overwrite")
+    foreign = [n for n in entries if n not in RUN_OUTPUTS and not is_temporary(n)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"run directory {out} holds files a run does not write ({shown}); --overwrite replaces "
+                          f"only an earlier run's outputs: move those files away or give another --out")
+    if "config.yaml" not in entries and "metrics.jsonl" not in entries:
+        raise ConfigError(f"run directory {out} is not an earlier run's directory (no config.yaml or metrics.jsonl); "
+                          f"--overwrite replaces only an earlier run's outputs: give another --out")
+
+
+def clear_run_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from ``out`` (checked by :func:`check_run_dir`), nothing else."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.name in RUN_OUTPUTS or is_temporary(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 class RunWriter:
@@ -36,8 +123,11 @@ class RunWriter:
         self.trajectory: list = []  # (step, [pi...]) pairs, pi *used* at that step
         self._metrics = None
         if enabled:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(self.out_dir / "metrics.jsonl", "w", encoding="utf-8")
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._metrics = open(self.out_dir / "metrics.jsonl", "w", encoding="utf-8")
+            except OSError as exc:
+                raise write_error(self.out_dir / "metrics.jsonl", exc) from None
 
     def write_config(self, resolved: dict) -> None:
         if self.enabled:
@@ -50,15 +140,21 @@ class RunWriter:
     def step(self, record: dict) -> None:
         self.trajectory.append((record["step"], [record["pi"][n] for n in self.source_names]))
         if self.enabled:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+            try:
+                self._metrics.write(json.dumps(record) + "\n")
+                self._metrics.flush()
+            except OSError as exc:
+                raise write_error(self.out_dir / "metrics.jsonl", exc) from None
 
     def finish(self, final_step: int, final_pi: list, extra: dict | None = None) -> None:
         """weights.json (final pi by source name), pi.csv and pi.png."""
         self.trajectory.append((final_step, list(final_pi)))
         if not self.enabled:
             return
-        self._metrics.close()
+        try:
+            self._metrics.close()
+        except OSError as exc:
+            raise write_error(self.out_dir / "metrics.jsonl", exc) from None
         weights = {n: float(p) for n, p in zip(self.source_names, final_pi)}
         atomic_write(self.out_dir / "weights.json", json.dumps(weights, indent=2) + "\n")
         buf = io.StringIO()
@@ -95,30 +191,49 @@ class RunWriter:
             ax.set_title("validation loss")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
+        tmp = _tmp_name(path, ".png")
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(path, exc) from None
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if self._metrics is not None and not self._metrics.closed:
-            self._metrics.close()
+            try:
+                self._metrics.close()
+            except OSError:  # a full disk: the error that got us here is reported already
+                pass
+
+
+def column_labels(names: list, width: int = 12) -> list:
+    """One label of at most ``width`` characters per name, all different (the console table's
+    headers): the name when it fits, else its head and tail around ``~``, so names that share a
+    long prefix stay apart; labels that still collide get the name's position (``#2``)."""
+    tail = (width - 1) // 2
+    labels = [n if len(n) <= width else f"{n[:width - 1 - tail]}~{n[len(n) - tail:]}" for n in names]
+    while len(set(labels)) < len(labels):
+        counts = {lab: labels.count(lab) for lab in labels}
+        labels = [f"{lab[:width - len(str(i)) - 1]}#{i}" if counts[lab] > 1 else lab for i, lab in enumerate(labels)]
+    return labels
 
 
 def weights_table(source_names: list, initial: list, final: list, last: dict | None = None) -> str:
     """The table printed at the end of a run."""
     head = f"{'source':<20} {'initial pi':>10} {'final pi':>10}"
-    if last:
-        head += f" {'loss u':>9} {'loss w':>9}"
+    keys = [k for k in ("loss_u", "loss_w") if k in (last or {})]  # a one-model solver has only w
+    head += "".join(f" {'loss ' + k[-1]:>9}" for k in keys)
     lines = [head, "-" * len(head)]
     order = sorted(range(len(source_names)), key=lambda i: -final[i])
     for i in order:
         name = source_names[i]
         row = f"{name:<20} {initial[i]:>10.4f} {final[i]:>10.4f}"
-        if last:
-            lu, lw = last["loss_u"].get(name), last["loss_w"].get(name)
-            row += f" {lu:>9.4f}" if lu is not None else f" {'-':>9}"
-            row += f" {lw:>9.4f}" if lw is not None else f" {'-':>9}"
+        for k in keys:
+            v = last[k].get(name)
+            row += f" {v:>9.4f}" if v is not None else f" {'-':>9}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -3,6 +3,10 @@
 A role hook (see :mod:`scalebio.hookspecs`) returns one of these classes. Each class declares
 its options as a dataclass in ``Options``; the run config section named after the plugin is
 parsed into it (unknown keys are errors) and passed to the constructor.
+
+This module is the whole contract: every method and attribute the core (the run loop,
+evaluation, the benchmarks) calls or reads is declared here, with what it must do, and
+docs/plugins.md says the same. :mod:`scalebio.testing` checks a plugin against it.
 """
 from __future__ import annotations
 
@@ -127,6 +131,7 @@ class RunContext:
     weights: Optional["Weights"] = None
     layers: Optional["LayerSelection"] = None
     solver: Optional["Solver"] = None
+    data: Any = None  # scalebio.data.RunData: the sources, validation and test sets of the run
     extra: dict = field(default_factory=dict)
 
     @property
@@ -169,6 +174,11 @@ class Weights(Role):
         multiplied into the plugin's own learning rate.
         """
         raise NotImplementedError
+
+    def output(self) -> torch.Tensor:
+        """The weights the run reports at the end (``weights.json``): by default the current pi;
+        a method that averages its iterates (DoReMi) returns the average."""
+        return self.probs()
 
 
 class LayerSelection(Role):
@@ -217,6 +227,12 @@ class Backend(Role):
         """Heavy: start the process groups, build ``models`` (u and w) with identical weights."""
         raise NotImplementedError
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the model (global, across pipeline stages): what the layer selection
+        chooses from. Read after ``setup``."""
+        raise NotImplementedError
+
     def set_trainable(self, model: str, layers: frozenset, keep_state: bool) -> None:
         """Make exactly ``layers`` (global decoder-layer indices) plus embeddings, final norm and
         output layer trainable in ``model``. Frozen parameters must hold no gradient buffer and
@@ -235,8 +251,17 @@ class Backend(Role):
         """
         raise NotImplementedError
 
-    def evaluate(self, model: str, batch: Batch, num_sources: int) -> PassResult:
-        """Forward only: the statistics of ``batch`` under ``model``."""
+    def evaluate(self, model: str, batch: Batch) -> PassResult:
+        """Forward only, no gradients: the statistics of ``batch`` under ``model``, as
+        ``forward_backward`` returns them. A batch of validation rows (``source`` all -1) gives
+        ``val_loss_sum`` and ``val_tokens`` (token sums over its supervised tokens); a batch of
+        training rows gives the per-source ``loss_sum`` and ``count``."""
+        raise NotImplementedError
+
+    def token_losses(self, model: str, batch: Batch) -> torch.Tensor:
+        """Forward only: the cross-entropy of every target of ``batch`` under ``model``, float32
+        ``[len(batch), seq_length]``, 0 where ``loss_mask`` is 0, on the CPU and identical on every
+        rank (the DoReMi solver's per-token excess loss needs it)."""
         raise NotImplementedError
 
     def optimizer_step(self, model: str, lr: float, clip_grad: float) -> dict:
@@ -245,7 +270,12 @@ class Backend(Role):
         raise NotImplementedError
 
     def trainable_state_bytes(self, model: str) -> dict:
-        """Bytes held on this rank for ``model``'s gradients and optimizer state."""
+        """``{"grads": ..., "optimizer": ...}``: bytes held on this rank for ``model``'s gradient
+        buffers and optimizer state (``scalebio bench``)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: str) -> int:
+        """Trainable parameters of ``model`` on this rank (``scalebio bench``)."""
         raise NotImplementedError
 
     def save_model(self, model: str, path: Path) -> None:
@@ -273,14 +303,31 @@ class Solver(Role):
     #: the model copies this solver trains; the backend builds only these (a plain fine-tuning
     #: solver needs just ``("w",)``)
     models: tuple = MODELS
+    #: whether a run needs ``data.validation`` (the bilevel objective does); without one,
+    #: ``step`` gets ``val_batch=None``
+    needs_validation: bool = True
+    #: the ``data.sampling`` modes this solver accepts. ``weighted`` draws rows by pi, so a solver
+    #: that also weights the loss by pi (as the bilevel ones do) must not accept it
+    sampling: tuple = ("uniform", "stratified")
 
     def __init__(self, options, run: RunContext):
         self.options = options
         self.run = run
 
-    def step(self, step: int, batch: Batch, val_batch: Batch) -> dict:
-        """Run step ``step`` on the train batch and a fresh validation batch; return metrics."""
+    def step(self, step: int, batch: Batch, val_batch: Optional[Batch]) -> dict:
+        """Run step ``step`` on the train batch and a fresh validation batch; return the step's
+        metrics, which go into ``metrics.jsonl``: at least the keys of :data:`SOLVER_METRICS`
+        (the run loop reads them), plus any others (JSON-serialisable)."""
         raise NotImplementedError
+
+
+#: what the run loop reads from the dict ``Solver.step`` returns
+SOLVER_METRICS = {
+    "val_loss": "float: the validation loss of the step (logged, plotted)",
+    "loss_u": "{source name: float or None}: mean per-sample loss of u by source, None for a source absent "
+              "from the batch (the final table's loss u)",
+    "loss_w": "{source name: float or None}: the same for w (the final table's loss w)",
+}
 
 
 ROLE_BASES = {"solver": Solver, "layer_selection": LayerSelection, "weights": Weights, "backend": Backend}

@@ -16,8 +16,9 @@ from typing import Optional
 
 from . import __version__
 from .config import ConfigError, Layers, RunConfig, find_model, parse_layers, to_dict
-from .data import RunData
-from .outputs import RunWriter, run_metadata, step_resources, weights_table
+from .data import DataError, RunData
+from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
+                      weights_table)
 from .plugins import Plugins
 from .recipes import resolve as resolve_recipe
 from .roles import MODELS, RunContext, options_dict
@@ -58,6 +59,10 @@ class Prepared:
 def build_layers(req: RunRequest) -> tuple:
     layers = Layers()
     demo = req.data is None
+    if req.load is not None and not Path(req.load).is_dir():
+        what = "is a file, not a checkpoint directory" if Path(req.load).exists() else "does not exist"
+        raise ConfigError(f"--load {req.load}: the path {what} (give a directory written by tools/convert.py "
+                          f"hf-to-megatron or by run.save_final)")
     if req.model is None and req.load is not None:
         model_path = Path(req.load) / "model.yaml"  # the checkpoint's own architecture
         if not model_path.is_file():
@@ -112,6 +117,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
         config = parse_layers(layers, set(infos))
     classes = {role: plugins.role_class(role) for role in plugins.selected}
     options = {role: config.plugin_options(cls.plugin_name, cls.Options) for role, cls in classes.items()}
+    _check_solver_data(config, classes["solver"])
     # sections of installed plugins not in this run are still checked, so a typo is not ignored
     for name, section in config.sections.items():
         if name in plugins.selected.values():
@@ -121,6 +127,16 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
             cls = getattr(info.plugin, f"scalebio_{info.roles[0]}")()
             config.plugin_options(name, cls.Options)
     return Prepared(config, plugins, classes, options, demo)
+
+
+def _check_solver_data(cfg: RunConfig, solver) -> None:
+    """What the solver needs of the data: a validation set, a sampling mode it accepts."""
+    name = solver.plugin_name
+    if cfg.data.validation is None and solver.needs_validation:
+        raise DataError(f"data.validation is not set: the {name} solver needs a validation set")
+    if cfg.data.sampling not in solver.sampling:
+        raise ConfigError(f"{cfg.layers.where(('data', 'sampling'))}: data.sampling={cfg.data.sampling} does not "
+                          f"work with the {name} solver; it accepts {', '.join(solver.sampling)}")
 
 
 def resolved_config(p: Prepared) -> dict:
@@ -135,13 +151,10 @@ def resolved_config(p: Prepared) -> dict:
 
 
 def _out_dir(cfg: RunConfig, overwrite: bool) -> Path:
+    """The run directory, checked (writable, new or an earlier run's) before anything is read or
+    built; nothing is removed yet (see clear_run_outputs)."""
     out = Path(cfg.run.out.format(model=cfg.model.name, time=time.strftime("%Y%m%d-%H%M%S")))
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {out} already exists and is not empty; give another --out "
-                              f"or pass --overwrite")
-        if (out / "metrics.jsonl").exists():
-            shutil.rmtree(out)
+    check_run_dir(out, overwrite)
     return out
 
 
@@ -155,16 +168,22 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
     say = verbose and main
     names = sorted(cfg.data.sources)  # source ids: positions in sorted order (scalebio.data)
     ctx = RunContext(config=cfg, source_names=names, out_dir=None, hooks=p.plugins.hook)
+    out_dir = _out_dir(cfg, overwrite) if main else None
     # the backend checks layout, checkpoint and memory before any data is read; it builds nothing yet
     ctx.backend = p.classes["backend"](p.options["backend"], ctx)
+    # cheap roles first, so that their checks (lisa.gamma against the layers, say) come before the data
+    ctx.weights = p.classes["weights"](p.options["weights"], names)
+    ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers, cfg.run.seed)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size} ({cfg.layers.where(('model', 'vocab_size'))})")
     data = RunData(cfg.data, tokenizer, cfg.run.seed, global_batch=cfg.run.global_batch,
-                   progress=say and cfg.run.progress)
+                   progress=say and cfg.run.progress, sampling_probs=ctx.weights.probs)
     assert data.source_names == names
-    out_dir = _out_dir(cfg, overwrite) if main else None
+    if main and overwrite:
+        clear_run_outputs(out_dir)  # only now that the run is known to start
+    ctx.data = data
     if say and p.demo:
         print("No --data given: running the embedded demo (tiny Qwen2-style model, sources made from "
               "Python's documentation, two of them corrupted).")
@@ -172,13 +191,12 @@ def open_run(p: Prepared, overwrite: bool = False, verbose: bool = True, models=
         print("plugins: " + ", ".join(f"{r.replace('_', ' ')}={n}" for r, n in p.plugins.selected.items()))
         for line in data.summary():
             print("  data  " + line, flush=True)
+        for line in cfg.warnings:
+            print(line, flush=True)
     try:
         ctx.backend.setup(models)
         # every rank must agree on the directory (checkpoints are written by all of them)
         ctx.out_dir = Path(ctx.backend.broadcast_object(str(out_dir) if main else None))
-        ctx.weights = p.classes["weights"](p.options["weights"], names)
-        ctx.layers = p.classes["layer_selection"](p.options["layer_selection"], ctx.backend.num_layers,
-                                                  cfg.run.seed)
         ctx.solver = p.classes["solver"](p.options["solver"], ctx)
         yield ctx, data
     finally:
@@ -209,7 +227,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
         bar = tqdm(total=cfg.run.steps, desc="scalebio", unit="step", dynamic_ncols=True, file=sys.stderr)
     log = bar.write if bar is not None else print
     if main:
-        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n[:12]:>12}" for n in names))
+        log(f"{'step':>6} {'val loss':>9}  " + "  ".join(f"{n:>12}" for n in column_labels(names, 12)))
     for step in range(cfg.run.steps):
         t0 = time.perf_counter()
         selection, changed = ctx.layers.select(step)
@@ -232,16 +250,17 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter) -> dict:
             log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
     if bar is not None:
         bar.close()
-    final = ctx.weights.probs().tolist()
+    final = ctx.weights.output().tolist()
     tail = records[-max(1, len(records) // 10):]
-    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")}
+    last = {key: {n: _mean([r[key][n] for r in tail]) for n in names} for key in ("loss_u", "loss_w")
+            if all(key in r for r in tail)}  # a one-model solver reports only w
     writer.finish(cfg.run.steps, final, {"val_loss": ([r["step"] for r in records],
                                                       [r["val_loss"] for r in records])})
     if cfg.run.save_final:
         _save_final(ctx)
     test = None
     if data.test is not None:  # the held-out test set, scored once with the final w
-        from .evaluate import evaluate_sets
+        from .scoring import evaluate_sets
 
         test = evaluate_sets(ctx, data, "w", sets=[("test", data.test)])["test"]
         writer.write_json("test.json", test)

@@ -27,7 +27,11 @@ class SentencePieceTokenizer:
         if not path.is_file():
             raise ConfigError(f"tokenizer model not found: {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as exc:
+            raise ConfigError(f"{path} is not a sentencepiece model ({str(exc).splitlines()[0]}); give a tokenizer.model "
+                              f"file or a Hugging Face tokenizer directory as data.tokenizer.path") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -47,11 +51,13 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def _token_text(value):
+def _token_text(value, where=None):
     """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"{where or 'tokenizer_config.json'}: a special token must be a string or "
+                          f"{{\"content\": ...}}, got {value!r}")
+    return text
 
 
 def _own_template(folder: Path, value):
@@ -62,7 +68,10 @@ def _own_template(folder: Path, value):
         return f.read_text(encoding="utf-8")
     if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default")
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template must be a Jinja template string "
+                          f"(or a list of named ones), got {type(value).__name__}")
     return value or None
 
 
@@ -85,25 +94,34 @@ class HuggingFaceTokenizer:
             f = folder / name
             if f.is_file():
                 try:
-                    settings.update(json.loads(f.read_text()))
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{f}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+                    loaded = json.loads(f.read_text(encoding="utf-8-sig"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"{f}: malformed JSON ({getattr(exc, 'msg', exc)} at line "
+                                      f"{getattr(exc, 'lineno', 1)})") from None
+                if not isinstance(loaded, dict):
+                    raise ConfigError(f"{f}: expected a JSON object of settings, got {type(loaded).__name__}")
+                settings.update(loaded)
+        self.config_file = folder / "tokenizer_config.json"
         self.chat_template = _own_template(folder, settings.get("chat_template"))
-        self.bos_token = _token_text(settings.get("bos_token")) or None
-        self.eos_token = _token_text(settings.get("eos_token")) or None
+        self.bos_token = _token_text(settings.get("bos_token"), self.config_file) or None
+        self.eos_token = _token_text(settings.get("eos_token"), self.config_file) or None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self._id(settings.get("bos_token"))
-        self.eos_id = self._id(settings.get("eos_token"))
+        self.bos_id = self._id(settings.get("bos_token"), "bos_token")
+        self.eos_id = self._id(settings.get("eos_token"), "eos_token")
         pad = self._id(settings.get("pad_token"))
         self.pad_id = pad if pad >= 0 else max(self.eos_id, 0)
         self.add_bos = add_bos and self.bos_id >= 0  # Qwen2 has no BOS token
         self.add_eos = add_eos and self.eos_id >= 0
 
-    def _id(self, token) -> int:
-        text = _token_text(token)
+    def _id(self, token, required_as=None) -> int:
+        """The id of a special token; -1 when none is named. A BOS or EOS that is named but not in
+        the vocabulary is an error (it would silently not be added); a missing pad is not (any id pads)."""
+        text = _token_text(token, self.config_file)
         if not text:
             return -1
         tid = self.tk.token_to_id(text)
+        if tid is None and required_as:
+            raise ConfigError(f"{self.config_file}: {required_as} {text!r} is not in the vocabulary of {self.path}")
         return -1 if tid is None else tid
 
     def encode(self, text: str) -> list:

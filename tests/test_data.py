@@ -488,3 +488,57 @@ def test_validation_batches_are_fresh_every_step(tmp_path, tok):
     assert t.tokens.shape == (8, 32) and t.loss_mask.shape == (8, 32)
     # padding (the <pad> piece, never produced by encoding) carries no loss
     assert (t.tokens == tok.pad_id).any() and ((t.tokens == tok.pad_id) & (t.loss_mask > 0)).sum() == 0
+
+
+def test_a_malformed_line_is_reported_where_the_parser_stopped(tmp_path, tok):
+    f = tmp_path / "cut.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "cut off", \n{"text": "fine"}\r\n{"text" "x"}\r\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: malformed JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 21\)"):
+        load_one(tmp_path, tok, f)
+    f.write_text('{"text": "fine"}\r\n{"text" "x"}\r\n')  # Windows line endings
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: malformed JSON \(Expecting ':' delimiter at column 9\)"):
+        load_one(tmp_path, tok, f)
+    f.write_bytes(b'{"text": "a\x00b"}\n')  # the parser's own "... at" is not doubled
+    with pytest.raises(DataError, match=r"cut\.jsonl:1: malformed JSON \(Invalid control character at column 12\)"):
+        load_one(tmp_path, tok, f)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, tok):
+    for name, body in (("bom.jsonl", '{"text": "first"}\n{"text": "second"}\n'), ("bom.txt", "first\nsecond\n")):
+        f = tmp_path / name
+        f.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        data = load_one(tmp_path, tok, f)
+        assert tok.decode(data.train[0].sample(0).ids[1:-1]) == "first"
+
+
+def test_empty_responses_are_counted_and_skipped_kept_or_refused(tmp_path, tok):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Say hi.", "response": "Hi."},
+                                               {"prompt": "Say nothing.", "response": ""},
+                                               {"prompt": "Say hello.", "response": "Hello."},
+                                               {"prompt": "Blank.", "response": " \n"}])
+    data = load_one(tmp_path, tok, f, "prompt_response")  # the default: skip, and say so
+    assert len(data.train[0].samples) == 2
+    assert "2 with an empty response skipped (first: " in data.summary()[0] and "pairs.jsonl:2)" in data.summary()[0]
+    data = load_one(tmp_path, tok, f, "prompt_response", on_empty="keep")
+    assert len(data.train[0].samples) == 4 and "2 with an empty response kept" in data.summary()[0]
+    kept = data.train[0].sample(1)
+    assert kept.mask.sum() == 1 and kept.ids[-1] == tok.eos_id  # only EOS is supervised
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: the response is empty, .*set on_empty: skip"):
+        load_one(tmp_path, tok, f, "prompt_response", on_empty="error")
+    # per source, like on_error; chat turns: empty when every assistant turn is blank
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": ""},
+                      {"role": "user", "content": "B"}, {"role": "assistant", "content": "Bee"}]}])
+    cfg = data_cfg(tmp_path, {"c": SourceConfig(str(chat), format="messages", on_empty="error")}, on_empty="keep")
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: the response is empty"):
+        RunData(cfg, tok, 0)
+    cfg.sources["c"].on_empty = None
+    assert len(RunData(cfg, tok, 0).train[0].samples) == 3
+    # the export draws from the same records as the run
+    from scalebio.data.sources import RecordReader
+
+    reader = RecordReader("source 'p'", SourceConfig(str(f), format="prompt_response"), "error", on_empty="skip")
+    assert [raw["response"] for _, raw, _ in reader] == ["Hi.", "Hello."] and reader.empties.count == 2

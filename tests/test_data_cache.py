@@ -214,3 +214,44 @@ def test_supervised_counts_of_truncated_samples_are_exact_and_kept(tmp_path):
     assert np.load(entry / "supervised-17.npy").tolist() == [16, 16, 16]
     again = RunData(cfg, CountingTokenizer(), seed=0)
     assert again.train[0].supervised_tokens == 48
+
+
+def test_a_truncated_or_changed_entry_is_rebuilt_with_a_message(tmp_path):
+    from scalebio.data.cache import load_or_build
+
+    src = write_jsonl(tmp_path / "s.jsonl", _records(30))
+    cfg = _cfg(tmp_path, src, tokenizer=TokenizerConfig(path=str(DEMO_DIR / "tokenizer.model")))
+    tok = load_tokenizer(cfg.tokenizer)
+    first = RunData(cfg, tok, seed=0)
+    entry = tmp_path / "cache" / "tokenized" / first.train[0].status["key"]
+    good = (entry / "ids.bin").read_bytes()
+    key = json.loads((entry / "key.json").read_text())
+    assert key["files"]["ids.bin"][0] == len(good)  # sizes and checksums of every file in the key file
+    assert all(s["cached"] for s in prepare_data(cfg, progress=False, say=lambda *a: None))
+    for damage in (good[: len(good) // 2], good[:100] + bytes([good[100] ^ 1]) + good[101:]):  # truncated, one bit
+        (entry / "ids.bin").write_bytes(damage)
+        said, lines = [], []
+        status = prepare_data(cfg, progress=False, say=lines.append)  # not reported as cached
+        assert not status[0]["cached"] and status[0]["rebuilt"] and "(rebuilt: " in lines[1]
+        assert (entry / "ids.bin").read_bytes() == good
+        (entry / "ids.bin").write_bytes(damage)
+        store, st = load_or_build("source 's'", cfg.sources["s"], cfg, tok, None, say=said.append)
+        assert not st["cached"] and len(said) == 1
+        assert "source 's': the cache entry" in said[0] and "is damaged (ids.bin " in said[0]
+        assert store.sample(0, 64)[0].tolist() == first.train[0].sample(0).ids.tolist()
+
+
+def test_file_checksums_read_a_sample_of_large_files(tmp_path):
+    from scalebio.data.entry import file_checksum
+
+    big = tmp_path / "big.bin"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 20 << 20, dtype=np.uint8).tobytes())
+    big.write_bytes(data)
+    base = file_checksum(big)
+    for at in (5, (1 << 20) + 5, len(data) - 1):  # the head, the first sampled block, the tail
+        data[at] ^= 1
+        big.write_bytes(data)
+        assert file_checksum(big) != base
+        data[at] ^= 1
+    big.write_bytes(data)
+    assert file_checksum(big) == base

@@ -101,6 +101,8 @@ def test_weights_must_name_exactly_the_sources(sources):
     (d / "bad.json").write_text('{"alpaca": -1}')
     with pytest.raises(DataError, match="finite and non-negative"):
         read_weights(d / "bad.json")
+    (d / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"alpaca": 1.0}).encode())  # saved by a Windows editor
+    assert read_weights(d / "bom.json") == {"alpaca": 1.0}
 
 
 def test_the_export_tool_prints_per_source_counts(sources):
@@ -115,3 +117,36 @@ def test_the_export_tool_prints_per_source_counts(sources):
     (d / "weights.json").write_text(json.dumps({"alpaca": 1.0}))
     proc = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no weight for chat, text" in proc.stderr
+
+
+def test_weights_that_do_not_add_up_to_one_are_normalised_with_a_warning(sources):
+    d, _ = sources
+    cfg = load_data_config(d / "data.yaml")
+    lines = []
+    counts = export_mixture({"alpaca": 0.7, "chat": 0.4, "text": 0.3}, cfg, 14, d / "x.jsonl", say=lines.append)
+    assert counts == {"alpaca": 7, "chat": 4, "text": 3}
+    assert lines[0] == "warning: the weights add up to 1.4, not 1; the mixture uses them normalised (each divided by 1.4)"
+    lines = []  # a run's weights.json adds up to 1 within rounding: no warning
+    export_mixture({"alpaca": 0.5, "chat": 0.3, "text": 0.2000004}, cfg, 14, d / "y.jsonl", say=lines.append)
+    assert not any("warning" in line for line in lines)
+
+
+def test_out_never_names_an_input_even_with_overwrite(sources):
+    d, _ = sources
+    cfg, weights = load_data_config(d / "data.yaml"), read_weights(d / "weights.json")
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    for out, message in [(d / "a.jsonl", r"is a data file of source 'alpaca'"),
+                         (d / "v.jsonl", r"is a data file of validation set"),
+                         (d / "." / "c.jsonl", r"is a data file of source 'text'"),
+                         (d / "weights.json", r"is the export's own input"),
+                         (d / "data.yaml", r"is the export's own input")]:
+        with pytest.raises(DataError, match=message):
+            export_mixture(weights, cfg, 10, out, overwrite=True, inputs=(d / "weights.json", d / "data.yaml"),
+                           say=lambda *a: None)
+    import os
+
+    os.link(d / "b.jsonl", d / "hardlink.jsonl")  # the same file under another name
+    with pytest.raises(DataError, match=r"is a data file of source 'chat'"):
+        export_mixture(weights, cfg, 10, d / "hardlink.jsonl", overwrite=True, say=lambda *a: None)
+    os.unlink(d / "hardlink.jsonl")
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before

@@ -7,7 +7,7 @@ import re
 
 from helpers import REPO
 from scalebio import config, hookspecs
-from scalebio_plugins import lisa, minimax, simplex, softmax
+from scalebio_plugins import doremi, fixed, lisa, minimax, simplex, softmax, train
 from scalebio_plugins.megatron import backend
 
 
@@ -24,7 +24,8 @@ def test_every_option_is_documented():
     classes = {"run": config.RunOptions, "optim": config.OptimOptions, "model": config.ModelConfig,
                "data": config.DataConfig, "minimax": minimax.MinimaxOptions, "lisa": lisa.LisaOptions,
                "softmax": softmax.SoftmaxOptions, "simplex": simplex.SimplexOptions,
-               "megatron": backend.MegatronOptions}
+               "megatron": backend.MegatronOptions, "train": train.TrainOptions, "fixed": fixed.FixedOptions,
+               "doremi": doremi.DoremiOptions}
     missing = []
     for section, cls in classes.items():
         body = ref.split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]

@@ -126,7 +126,8 @@ def test_every_tool_is_a_subcommand(capsys):
 
 @pytest.mark.parametrize("tool,command", [("convert.py", "convert"), ("plan.py", "plan"), ("bench.py", "bench"),
                                           ("bench_parallel.py", "bench-parallel"), ("evaluate.py", "eval"),
-                                          ("export_mixture.py", "export"), ("prepare_data.py", "prepare")])
+                                          ("export_mixture.py", "export"), ("prepare_data.py", "prepare"),
+                                          ("train.py", "train")])
 def test_tools_are_thin_wrappers_of_the_subcommands(tool, command):
     text = (REPO / "tools" / tool).read_text()
     assert len(text.splitlines()) < 15 and f'main(["{command}"]' in text

@@ -21,7 +21,7 @@ name = "scalebio-fixedweights"
 version = "1.2.3"
 
 [project.entry-points.scalebio]
-fixed = "scalebio_fixedweights"
+pinned = "scalebio_fixedweights"
 """
 
 MODULE = '''\
@@ -87,7 +87,7 @@ def test_listed_with_role_and_version(installed):
     _, env = installed
     out = subprocess.run([sys.executable, "-m", "scalebio.cli", "plugins"], env=env, capture_output=True,
                          text=True, check=True).stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("fixed "))
+    line = next(ln for ln in out.splitlines() if ln.startswith("pinned "))
     assert "weights" in line and "scalebio-fixedweights 1.2.3" in line
     assert "scalebio_step_end" in line and "scalebio_weights" in line
 
@@ -95,8 +95,8 @@ def test_listed_with_role_and_version(installed):
 def test_selected_by_name_and_takes_effect(installed):
     root, env = installed
     out = root / "run"
-    cmd = [sys.executable, str(REPO / "tools" / "run.py"), "--plugins", "fixed", "--steps", "3",
-           "--out", str(out), "--set", "fixed.weights={clean: 0.5, shuffled: 0.3, typos: 0.2}"]
+    cmd = [sys.executable, str(REPO / "tools" / "run.py"), "--plugins", "pinned", "--steps", "3",
+           "--out", str(out), "--set", "pinned.weights={clean: 0.5, shuffled: 0.3, typos: 0.2}"]
     for s in TINY:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -105,19 +105,32 @@ def test_selected_by_name_and_takes_effect(installed):
     assert weights == pytest.approx({"clean": 0.5, "shuffled": 0.3, "typos": 0.2})
     assert [ln.split()[0] for ln in (out / "observed.txt").read_text().splitlines()] == ["0", "1", "2"]
     config = (out / "config.yaml").read_text()
-    assert "weights: fixed" in config
+    assert "weights: pinned" in config
 
 
 def test_unknown_option_of_the_third_party_plugin_is_an_error(installed):
     root, env = installed
-    cmd = [sys.executable, str(REPO / "tools" / "run.py"), "--plugins", "fixed", "--steps", "1",
-           "--out", str(root / "run2"), "--set", "fixed.wieghts={clean: 1}"]
+    cmd = [sys.executable, str(REPO / "tools" / "run.py"), "--plugins", "pinned", "--steps", "1",
+           "--out", str(root / "run2"), "--set", "pinned.wieghts={clean: 1}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown key 'fixed.wieghts'" in proc.stderr and "--set fixed.wieghts" in proc.stderr
+    assert "unknown key 'pinned.wieghts'" in proc.stderr and "--set pinned.wieghts" in proc.stderr
 
 
 def test_plugin_docs_example_matches(installed):
     # the plugin authoring guide shows this same layout; keep them in step
     guide = (REPO / "docs" / "plugins.md").read_text()
     assert "[project.entry-points.scalebio]" in guide and textwrap.dedent(PYPROJECT).splitlines()[-2] in guide
+
+
+def test_third_party_runs_the_conformance_kit(installed):
+    _, env = installed
+    code = ("from scalebio.testing import check_weights\n"
+            "check_weights('fixed', options={'weights': {'a': 0.5, 'b': 0.3, 'c': 0.2}}, learns=False)\n"
+            "print('conforms')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "conforms" in proc.stdout, proc.stderr[-2000:]
+    # and the kit's own rule: a fixed plugin does not learn, so asking it to is a conformance error
+    proc = subprocess.run([sys.executable, "-c", code.replace("learns=False", "learns=True")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "ConformanceError" in proc.stderr and "update(grad, lr_scale=0)" not in proc.stderr

@@ -54,3 +54,23 @@ def test_missing_or_broken_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read Hugging Face tokenizer"):
         load_tokenizer(TokenizerConfig(path=str(tmp_path)))
+
+
+def test_a_malformed_tokenizer_config_or_model_is_a_clear_error(tmp_path, hf_dir):
+    import shutil
+
+    d = tmp_path / "tok"
+    shutil.copytree(hf_dir, d)
+    for settings, message in [({"bos_token": 5, "eos_token": "<|im_end|>"}, "a special token must be a string"),
+                              ({"eos_token": "<|im_end|>", "chat_template": 123}, "chat_template must be a Jinja"),
+                              ({"eos_token": "<|nope|>"}, r"eos_token '<\|nope\|>' is not in the vocabulary"),
+                              ([1, 2], "expected a JSON object of settings, got list")]:
+        (d / "tokenizer_config.json").write_text(json.dumps(settings))
+        with pytest.raises(ConfigError, match=message):
+            load_tokenizer(TokenizerConfig(path=str(d)))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<pad>"}))
+    assert load_tokenizer(TokenizerConfig(path=str(d))).pad_id == 2  # an unknown pad falls back to EOS
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"garbage\.model is not a sentencepiece model"):
+        load_tokenizer(TokenizerConfig(path=str(garbage)))

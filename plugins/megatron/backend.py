@@ -260,11 +260,33 @@ class MegatronBackend(Backend):
         micro = micro_batches(self, train, "train") + micro_batches(self, val, "val")
         return run_schedule(self, self.replicas[model], micro, source_coef, val_token_coef, forward_only=False)
 
-    def evaluate(self, model, batch, num_sources=None) -> PassResult:
+    def evaluate(self, model, batch) -> PassResult:
         kind = "val" if bool((batch.source < 0).all()) else "train"
         with torch.no_grad():
             return run_schedule(self, self.replicas[model], micro_batches(self, batch, kind), None, 0.0,
                                       forward_only=True)
+
+    def token_losses(self, model, batch) -> torch.Tensor:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        rows: list = []
+        with torch.no_grad():
+            run_schedule(self, self.replicas[model], micro_batches(self, batch, "train"), None, 0.0,
+                         forward_only=True, token_out=rows)
+        # each data-parallel rank holds a contiguous share of the rows (micro_batches); the last
+        # stage gathers them in rank order and hands the whole batch to the other stages
+        per_rank, seq = len(batch) // self.layout.dp, self.run.config.data.seq_length
+        full = torch.zeros(len(batch), seq, dtype=torch.float32, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            mine = torch.cat(rows).float() if rows else full.new_zeros(per_rank, seq)
+            parts = list(full.split(per_rank))
+            dist.all_gather(parts, mine.contiguous(), group=ps.get_data_parallel_group())
+            full = torch.cat(parts)
+        if self.layout.pp > 1:
+            dist.broadcast(full, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return full.cpu()
 
     def optimizer_step(self, model, lr: float, clip_grad: float) -> dict:
         replica = self.replicas[model]

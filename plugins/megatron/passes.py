@@ -29,7 +29,9 @@ def micro_batches(backend, batch, kind: str) -> list:
     return out
 
 def run_schedule(backend, replica, micro_batches: list, source_coef, val_token_coef: float,
-                  forward_only: bool) -> PassResult:
+                  forward_only: bool, token_out: list | None = None) -> PassResult:
+    """One schedule call over ``micro_batches``; with ``token_out`` (a list), the masked per-token
+    losses of each micro-batch are appended to it in order (on the last pipeline stage)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -46,6 +48,8 @@ def run_schedule(backend, replica, micro_batches: list, source_coef, val_token_c
     def loss_func(mb, per_token):
         per_token = per_token.float()
         mask = mb["loss_mask"]
+        if token_out is not None:
+            token_out.append((per_token * mask).detach())
         token_sum = (per_token * mask).sum(dim=1)
         tokens = mask.sum(dim=1)
         if mb["kind"] == "val":

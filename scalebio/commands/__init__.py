@@ -13,8 +13,8 @@ import sys
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
 
 #: subcommand -> module of this package, in the order ``scalebio --help`` lists them.
-#: ``train`` and ``compare`` (issue 9) belong here too.
 COMMANDS = {
+    "train": "train",
     "convert": "convert",
     "plan": "plan",
     "bench": "bench",

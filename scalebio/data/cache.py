@@ -7,13 +7,17 @@ One directory per (data, tokenizer, settings) under ``<cache>/tokenized/<key>/``
 - ``flags.bin/.idx``: per-token supervision flags (uint8, 1 = supervised target);
 - ``meta.npz``: per record the number of supervised targets, the position of the first one, and
   a 64-bit hash of the normalised record (for the validation overlap check);
-- ``info.json``: counts and skipped records; ``key.json``: what the key was made of.
+- ``info.json``: counts and skipped records; ``key.json``: what the key was made of, and the size
+  and a checksum of every file above (checked each time the entry is opened).
 
 The key hashes the data's identity (each file's resolved path, size and modification time; a Hub
 dataset's fingerprint), the format and its settings, the tokenizer file's bytes and special
 tokens, and the chat template for chat formats: a changed input gets a new key. A build goes
 to a temporary directory renamed into place when complete, so a kill never leaves a half-written
-cache, and a file lock makes concurrent processes (data-parallel ranks) wait for one build.
+cache, and a file lock makes concurrent processes (data-parallel ranks) wait for one build. A
+rebuild (``prepare --force``, or a damaged entry) keeps the old entry until the new one is
+complete; a kill between the two renames of the swap leaves the old entry, restored at the next
+start. How an entry is verified and swapped: :mod:`.entry`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import deque
@@ -29,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import DataError, RecordError, encode, normalize, record_hash
-from .sources import ProblemLog, count_lines, data_identity, describe, parse_item, raw_records
+from .entry import VERSION as ENTRY_VERSION
+from .entry import DamagedEntry, entry_files, recover, swap_in, verify_entry
+from .formats import DataError, RecordError, encode, is_empty, normalize, record_hash
+from .sources import EmptyLog, ProblemLog, count_lines, data_identity, describe, parse_item, raw_records
 
-CACHE_VERSION = 1
+CACHE_VERSION = ENTRY_VERSION  # 2: file sizes and checksums in key.json (see .entry), on_empty
 CHUNK = 256  # records per task with worker processes
 
 
@@ -51,11 +58,11 @@ def tokenizer_identity(tokenizer) -> dict:
             "add_bos": bool(tokenizer.add_bos), "add_eos": bool(tokenizer.add_eos)}
 
 
-def source_key(cfg, on_error: str, tokenizer, chat, hf_cache) -> tuple:
+def source_key(cfg, on_error: str, tokenizer, chat, hf_cache, on_empty: str = "skip") -> tuple:
     """``(key, identity)`` of a tokenized source."""
     ident = {"version": CACHE_VERSION, "data": data_identity(cfg, hf_cache), "format": cfg.format,
              "columns": dict(sorted(cfg.columns.items())), "max_samples": cfg.max_samples, "on_error": on_error,
-             "tokenizer": tokenizer_identity(tokenizer)}
+             "on_empty": on_empty, "tokenizer": tokenizer_identity(tokenizer)}
     if cfg.format in ("sharegpt", "messages"):
         ident["chat_template"] = chat.source if chat is not None else "plain"
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -174,15 +181,17 @@ class _Writer:
 
 
 def open_store(directory: Path) -> TokenStore:
+    """An entry, verified against key.json; DamagedEntry if it does not match."""
+    verify_entry(directory)
     (IndexedDataset,) = _indexed("IndexedDataset")
     info = json.loads((directory / "info.json").read_text())
     if info.get("version") != CACHE_VERSION:
-        raise ValueError(f"cache version {info.get('version')}")
+        raise DamagedEntry(f"cache version {info.get('version')}")
     meta = np.load(directory / "meta.npz")
     ids = IndexedDataset(str(directory / "ids"))
     flags = IndexedDataset(str(directory / "flags"))
     if len(ids) != len(flags) or len(ids) != len(meta["hashes"]):
-        raise ValueError("inconsistent cache files")
+        raise DamagedEntry("inconsistent cache files")
     return TokenStore(ids.sequence_lengths, meta["n_supervised"], meta["first_target"], meta["hashes"], info,
                       ids=ids, flags=flags, directory=directory)
 
@@ -199,18 +208,23 @@ def _worker_init(tokenizer_cfg) -> None:
     _worker["tok"], _worker["chat"] = tok, chat_template_for(tok, tokenizer_cfg.chat_template)
 
 
-def process_chunk(items: list, fmt: str, columns: dict, tokenizer, chat) -> dict:
+def process_chunk(items: list, fmt: str, columns: dict, tokenizer, chat, on_empty: str = "keep") -> dict:
     """Parse, check, normalise, hash and encode raw items (``(record, problem)`` pairs from a
-    reader), in a worker or in-process. Returns the problems by position, and the encoded records
-    (those without a problem, in order) as concatenated arrays."""
+    reader), in a worker or in-process. Returns the problems by position, the positions of records
+    with an empty response (``empty``: not encoded unless ``on_empty`` is keep), and the encoded
+    records (those without a problem, in order) as concatenated arrays."""
     from ..tokenizer import ChatTemplateError
 
-    problems, ids, flags, lengths, n_sup, first, hashes = {}, [], [], [], [], [], []
+    problems, empty, ids, flags, lengths, n_sup, first, hashes = {}, [], [], [], [], [], [], []
     for j, (record, problem) in enumerate(items):
         record, problem = parse_item(record, problem)
         if problem is None:
             try:
                 norm = normalize(record, fmt, columns)
+                if is_empty(norm):
+                    empty.append(j)
+                    if on_empty != "keep":
+                        continue
                 a, f = encode(norm, tokenizer, chat)
             except (RecordError, ChatTemplateError) as exc:  # a template may reject one conversation
                 problem = str(exc)
@@ -224,15 +238,15 @@ def process_chunk(items: list, fmt: str, columns: dict, tokenizer, chat) -> dict
         n_sup.append(len(targets))
         first.append(int(targets[0]) + 1 if len(targets) else -1)
         hashes.append(record_hash(norm))
-    return {"problems": problems,
+    return {"problems": problems, "empty": empty,
             "ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
             "flags": np.concatenate(flags) if flags else np.zeros(0, np.uint8),
             "lengths": np.asarray(lengths, np.int64), "n_supervised": np.asarray(n_sup, np.int64),
             "first_target": np.asarray(first, np.int64), "hashes": np.asarray(hashes, np.uint64)}
 
 
-def _worker_chunk(items: list, fmt: str, columns: dict) -> dict:
-    return process_chunk(items, fmt, columns, _worker["tok"], _worker["chat"])
+def _worker_chunk(items: list, fmt: str, columns: dict, on_empty: str) -> dict:
+    return process_chunk(items, fmt, columns, _worker["tok"], _worker["chat"], on_empty)
 
 
 def _progress(label: str, total, enabled: bool):
@@ -271,13 +285,15 @@ def _chunks(cfg, hf_cache):
 
 
 def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_cache=None, pool=None,
-                progress: bool = False):
+                progress: bool = False, on_empty: str = "skip"):
     """Tokenize a source into ``directory`` (None: in memory, returned), in this process or with
     a :func:`worker_pool`. The main process only reads lines and writes results; parsing,
     checking and tokenizing happen in the workers, in order-preserving chunks. Raises DataError
-    for an empty source or a malformed record (unless skipping)."""
+    for an empty source, a malformed record (unless skipping) or an empty response (with
+    ``on_empty: error``)."""
     start = time.perf_counter()
     problems = ProblemLog(label, on_error)
+    empties = EmptyLog(label, on_empty)
     writer = _Writer(directory)
     limit = cfg.max_samples
     bar = _progress(label, count_lines(cfg) if progress else None, progress)
@@ -287,12 +303,15 @@ def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_c
         """Apply one processed chunk in order; True once max_samples is reached."""
         nonlocal count
         keep, done = 0, False
+        empty = set(chunk["empty"])
         for j, where in enumerate(wheres):
             if limit is not None and count >= limit:
                 done = True
                 break
             if j in chunk["problems"]:
                 problems(where, chunk["problems"][j])
+                continue
+            if j in empty and not empties(where):
                 continue
             count += 1
             keep += 1
@@ -303,13 +322,13 @@ def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_c
     try:
         if pool is None:
             for wheres, items in _chunks(cfg, hf_cache):
-                if consume(wheres, process_chunk(items, cfg.format, cfg.columns, tokenizer, chat)):
+                if consume(wheres, process_chunk(items, cfg.format, cfg.columns, tokenizer, chat, on_empty)):
                     break
         else:
             pending = deque()
             done = False
             for wheres, items in _chunks(cfg, hf_cache):
-                pending.append((wheres, pool.submit(_worker_chunk, items, cfg.format, cfg.columns)))
+                pending.append((wheres, pool.submit(_worker_chunk, items, cfg.format, cfg.columns, on_empty)))
                 while len(pending) > 4 * pool.workers or (pending and pending[0][1].done()):
                     wheres0, result = pending.popleft()  # in order: errors and max_samples apply as in one process
                     if consume(wheres0, result.result()):
@@ -329,10 +348,13 @@ def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_c
     if records == 0:
         skipped = f"; {problems.skipped} malformed records skipped, e.g. {problems.skip_examples[0]}" \
             if problems.skipped else ""
+        if empties.count:
+            skipped += f"; {empties.count} records with an empty response skipped, e.g. {empties.examples[0]}"
         raise DataError(f"{label} ({describe(cfg)}) has no samples{skipped}")
     info = {"version": CACHE_VERSION, "label": label, "source": describe(cfg), "records": records,
             "tokens": int(sum(int(x.sum()) for x in writer.lengths)), "skipped": problems.skipped,
-            "skip_examples": problems.skip_examples, "seconds": round(time.perf_counter() - start, 3)}
+            "skip_examples": problems.skip_examples, "empty": empties.count, "on_empty": on_empty,
+            "empty_examples": empties.examples, "seconds": round(time.perf_counter() - start, 3)}
     return writer.finish(info), info
 
 
@@ -356,20 +378,26 @@ class _Lock:
         self.fh.close()
 
 
+def _say_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = False, pool=None,
-                  force: bool = False) -> tuple:
+                  force: bool = False, say=_say_stderr) -> tuple:
     """``(store, status)``: the cached tokenized source, built first if needed. ``status`` has
-    ``cached`` (bool), ``key``, ``seconds`` (of this call) and the build's info."""
+    ``cached`` (bool), ``key``, ``seconds`` (of this call), the build's info, and ``rebuilt`` (why
+    a damaged entry was rebuilt, or None). ``say`` gets the message about a damaged entry."""
     if data_cfg.cache:
         _indexed("IndexedDataset")  # import megatron-core once, outside the reported time
     start = time.perf_counter()
     on_error = cfg.on_error or data_cfg.on_error
+    on_empty = cfg.on_empty or data_cfg.on_empty
     root = cache_root(data_cfg)
     hf_cache = root / "hf"
     if not data_cfg.cache:
-        store, info = build_store(label, cfg, on_error, tokenizer, chat, None, hf_cache, pool, progress)
-        return store, {"cached": False, "key": None, "seconds": time.perf_counter() - start, **info}
-    key, ident = source_key(cfg, on_error, tokenizer, chat, hf_cache)
+        store, info = build_store(label, cfg, on_error, tokenizer, chat, None, hf_cache, pool, progress, on_empty)
+        return store, {"cached": False, "key": None, "seconds": time.perf_counter() - start, "rebuilt": None, **info}
+    key, ident = source_key(cfg, on_error, tokenizer, chat, hf_cache, on_empty)
     tokenized = root / "tokenized"
     try:
         tokenized.mkdir(parents=True, exist_ok=True)
@@ -377,30 +405,29 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
         raise DataError(f"cannot create the cache directory {tokenized} ({exc.strerror}); set data.cache_dir or "
                         f"$SCALEBIO_CACHE to a writable place, or data.cache: false") from None
     final = tokenized / key
+    rebuilt = None
     with _Lock(tokenized / f"{key}.lock"):
-        if final.is_dir() and force:
-            shutil.rmtree(final)
-        if (final / "info.json").is_file():
+        recover(tokenized, key)  # builds hold the lock: anything aside is left by a killed process
+        if final.exists() and not force:
             try:
                 store = open_store(final)
-                return store, {"cached": True, "key": key, "seconds": time.perf_counter() - start, **store.info}
-            except Exception:  # an unreadable entry (older version, damaged disk): rebuild it
-                shutil.rmtree(final, ignore_errors=True)
-        for stale in tokenized.glob(f".{key}.tmp-*"):  # left by a killed build (builds hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+                return store, {"cached": True, "key": key, "seconds": time.perf_counter() - start, "rebuilt": None,
+                               **store.info}
+            except Exception as exc:  # DamagedEntry, or files megatron-core cannot read
+                rebuilt = str(exc) if isinstance(exc, DamagedEntry) else f"{type(exc).__name__}: {exc}"
+                say(f"{label}: the cache entry {final} is damaged ({rebuilt}); rebuilding it")
         tmp = tokenized / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress)
-            (tmp / "key.json").write_text(json.dumps(ident, indent=1) + "\n")
+            _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress, on_empty)
+            (tmp / "key.json").write_text(json.dumps({**ident, "files": entry_files(tmp)}, indent=1) + "\n")
             for f in tmp.iterdir():  # on disk before the rename, so that even a power cut cannot expose a torn entry
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            swap_in(tmp, final)  # the old entry (--force, or a damaged one) stays until the new one is complete
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     store = open_store(final)
-    return store, {"cached": False, "key": key, "seconds": time.perf_counter() - start, **store.info}
+    return store, {"cached": False, "key": key, "seconds": time.perf_counter() - start, "rebuilt": rebuilt,
+                   **store.info}

@@ -4,10 +4,13 @@ Source k gets round(N * pi_k) examples, adjusted by largest remainders so that t
 exactly N. Examples are drawn without replacement while a source lasts: a source asked for more
 than it has gives every example once per full pass and a random subset for the rest. The mixture
 is shuffled with a fixed seed, the validation set optionally appended, and the records written as
-they are in the sources (same keys, same format), as JSONL or Parquet.
+they are in the sources (same keys, same format), as JSONL or Parquet, with the manifest
+``<stem>.mixture.json`` next to them (:mod:`.manifest`). ``--format megatron`` writes a Megatron
+blend instead (:mod:`.megatron_export`).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -16,20 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import DataError
+from ..outputs import atomic_write, check_output_path, write_error
 from .cache import cache_root
+from .formats import DataError
+from .manifest import build_manifest, manifest_text
 from .prepare import data_sets
-from .sources import RecordReader
+from .sources import RecordReader, source_files
+
+FORMATS = ("jsonl", "parquet", "megatron")
 
 
 def read_weights(path) -> dict:
     path = Path(path)
     try:
-        weights = json.loads(path.read_text())
+        weights = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark from a Windows editor
     except OSError as exc:
-        raise DataError(f"cannot read weights file {path}: {exc.strerror}") from None
+        hint = f" (give {path / 'weights.json'})" if path.is_dir() else ""
+        raise DataError(f"cannot read weights file {path}: {exc.strerror}{hint}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a weights.json (not valid UTF-8 at byte {exc.start + 1})") from None
     if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                 for v in weights.values()):
         raise DataError(f"{path}: expected an object of source name -> weight, as a run's weights.json")
@@ -67,10 +77,16 @@ def _draw(available: int, n: int, rng) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _reader(label, scfg, cfg) -> RecordReader:
+    """The records the run trained on: on_error and on_empty as in the tokenized cache."""
+    return RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf",
+                        scfg.on_empty or cfg.on_empty)
+
+
 def _records(label, scfg, cfg, wanted: Counter | None = None):
     """All valid records of a source in order (``wanted`` = None), or those whose position is in
     ``wanted``, as a dict position -> record."""
-    reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
+    reader = _reader(label, scfg, cfg)
     if wanted is None:
         return [raw for _, raw, _ in reader], reader
     out = {}
@@ -92,9 +108,9 @@ def _jsonable(value):
 
 def write_records(records: list, out: Path, fmt: str) -> None:
     """JSONL or Parquet, written to a temporary file and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8") as fh:
                 for rec in records:
@@ -112,21 +128,58 @@ def write_records(records: list, out: Path, fmt: str) -> None:
                                 f"(--out with a .jsonl name)") from None
             pq.write_table(table, tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk, a read-only place: the temporary file goes (finally), the message stays
+        raise write_error(out, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_validation: bool = False,
-                   fmt: str | None = None, overwrite: bool = False, say=print) -> dict:
-    """Write the mixture; returns the number of examples per source (and ``validation``)."""
-    out = Path(out)
-    if fmt is None:
-        fmt = "parquet" if out.suffix.lower() == ".parquet" else "jsonl"
-    if size < 1:
-        raise DataError(f"--size must be at least 1, got {size}")
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; give another --out or pass --overwrite")
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link, a bind mount
+    except OSError:
+        return False
+
+
+def check_not_an_input(out: Path, cfg, inputs=()) -> None:
+    """Refuse an --out that is one of the export's own inputs (``inputs``: the weights file, the data
+    YAML; every file of every source, the validation and the test set), or that lies inside a
+    source's directory or matches its glob, so that the next run would read the mixture as data."""
+    for path in inputs:
+        if _same_file(out, Path(path)):
+            raise DataError(f"--out {out} is the export's own input {path}; give another --out (--overwrite "
+                            f"never replaces an input)")
+    resolved = out.resolve()
+    for label, _, scfg in data_sets(cfg):
+        if scfg.path is None:
+            continue
+        root = Path(scfg.path)
+        if any(c in scfg.path for c in "*?[") and not root.exists():  # a glob, as sources.source_files reads it
+            if fnmatch.fnmatch(str(resolved), str(root.absolute())):
+                raise DataError(f"--out {out} matches the files of {label} ({scfg.path}): a run would read the "
+                                f"mixture as that source; give another --out")
+        elif root.is_dir() and resolved.is_relative_to(root.resolve()):
+            raise DataError(f"--out {out} lies inside the directory of {label} ({scfg.path}): a run would read "
+                            f"the mixture as part of that source; give another --out")
+        try:
+            files = source_files(scfg)
+        except DataError:  # a missing source is reported when it is read
+            files = []
+        for f in files:
+            if _same_file(out, f):
+                raise DataError(f"--out {out} is a data file of {label} ({f}); give another --out (--overwrite "
+                                f"never replaces an input)")
+
+
+def manifest_path(out: Path) -> Path:
+    """The manifest next to a JSONL or Parquet mixture: ``mix.jsonl`` -> ``mix.mixture.json``."""
+    return out.with_name(f"{out.stem}.mixture.json")
+
+
+def _check_names(weights: dict, cfg) -> None:
     names = sorted(cfg.sources)
     missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
     if missing or extra:
@@ -134,8 +187,51 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
             ([f"weights for unknown sources {', '.join(extra)}"] if extra else [])
         raise DataError(f"the weights do not match the data YAML's sources: {'; '.join(problems)} "
                         f"(sources: {', '.join(names)}; weights: {', '.join(sorted(weights))})")
+
+
+def export_mixture(weights: dict, cfg, size: int | None, out, seed: int = 1234, with_validation: bool = False,
+                   fmt: str | None = None, overwrite: bool = False, say=print, weights_path=None,
+                   inputs=()) -> dict:
+    """Write the mixture and its manifest; returns the number of examples per source (and
+    ``validation``). ``weights_path`` (the weights.json read) goes into the manifest; ``inputs`` are
+    further files the export reads (the weights file, the data YAML), which --out must not name.
+    Every check on --out happens before any data is read."""
+    out = Path(out)
+    suffix = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(out.suffix.lower())
+    if fmt is None:
+        fmt = suffix or "jsonl"
+    if fmt not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if fmt != "megatron" and suffix is not None and suffix != fmt:  # a run would read the file by its extension
+        raise DataError(f"--format {fmt} does not match --out {out} (a {suffix} name); give an --out ending in "
+                        f"{'.parquet' if fmt == 'parquet' else '.jsonl'}, or leave --format out")
+    if not 0 <= seed < 2**32:
+        raise DataError(f"--seed must be in [0, 2**32), got {seed}")
+    check_not_an_input(out, cfg, inputs)
+    _check_names(weights, cfg)
+    if fmt == "megatron":
+        from .megatron_export import export_megatron
+
+        if size is not None:
+            say(f"note: --size {size} is not used by the megatron format: the blend holds every example, and "
+                f"Megatron's --train-samples (or train_iters x global batch) decides how many are drawn")
+        manifest = export_megatron(weights, cfg, out, seed=seed, with_validation=with_validation, overwrite=overwrite,
+                                   weights_path=weights_path, say=say)
+        return dict(manifest["samples"], **({"validation": manifest["validation"]} if with_validation else {}))
+    if size is None or size < 1:
+        raise DataError(f"--size must be at least 1, got {size}" if size is not None else
+                        f"--size is needed for the {fmt} format (examples in the mixture)")
+    manifest_file = manifest_path(out)
+    for path in (out, manifest_file):
+        if path.exists() and not overwrite:
+            raise DataError(f"{path} exists; give another --out or pass --overwrite")
+    check_output_path(out, "--out")
+    names = sorted(cfg.sources)
     counts = mixture_counts(weights, size)
     total_pi = sum(weights.values())
+    if abs(total_pi - 1.0) > 1e-6:  # a run's weights.json adds up to 1: these were made or edited by hand
+        say(f"warning: the weights add up to {total_pi:.6g}, not 1; the mixture uses them normalised "
+            f"(each divided by {total_pi:.6g})")
     picked, rows = [], []
     for k, (label, name, scfg) in enumerate(s for s in data_sets(cfg) if s[1] in cfg.sources):
         n = counts[name]
@@ -143,7 +239,7 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
             rows.append((name, weights[name] / total_pi, 0, None))
             continue
         # pass 1 counts the valid records, pass 2 keeps only the drawn ones: a large source never sits in memory
-        reader = RecordReader(label, scfg, scfg.on_error or cfg.on_error, cache_root(cfg) / "hf")
+        reader = _reader(label, scfg, cfg)
         available = sum(1 for _ in reader)
         if available == 0:
             raise DataError(f"{label} ({scfg.path or scfg.dataset}) has no valid records to draw from")
@@ -162,6 +258,11 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
         records += val
         result["validation"] = len(val)
     write_records(records, out, fmt)
+    manifest = build_manifest(fmt, cfg, weights, seed, samples=counts,
+                              available={name: available for name, _, _, available in rows},
+                              hf_cache=cache_root(cfg) / "hf", outputs=[out.name], weights_path=weights_path,
+                              size=size, validation=result.get("validation"))
+    atomic_write(manifest_file, manifest_text(manifest))
     say(f"{'source':<20} {'pi':>8} {'examples':>9} {'available':>10}  note")
     for name, pi, n, available in rows:
         note = "" if available is None or n <= available else f"{n / available:.2f} passes over the source"
@@ -169,5 +270,5 @@ def export_mixture(weights: dict, cfg, size: int, out, seed: int = 1234, with_va
     say(f"{'total':<20} {'':>8} {size:>9}")
     if with_validation:
         say(f"+ validation set appended: {result['validation']} examples")
-    say(f"wrote {len(records)} records to {out} ({fmt}, shuffled with seed {seed})")
+    say(f"wrote {len(records)} records to {out} ({fmt}, shuffled with seed {seed}) and the manifest {manifest_file}")
     return result

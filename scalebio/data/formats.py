@@ -115,6 +115,19 @@ def normalize(rec, fmt: str, columns: dict | None = None) -> dict:
     raise RecordError(f"unknown format '{fmt}'; formats: {', '.join(FORMATS)}")
 
 
+def is_empty(norm: dict) -> bool:
+    """Whether a normalised record has nothing to learn: blank text, a blank response, or a
+    conversation whose assistant turns are all blank (only EOS or the end-of-turn marker would be
+    supervised). A conversation without an assistant turn is not empty: it has no supervised token
+    at all and is dropped as such (see loader.TokenizedSet)."""
+    if "text" in norm:
+        return not norm["text"].strip()
+    if "prompt" in norm:
+        return not norm["response"].strip()
+    replies = [m["content"] for m in norm["messages"] if m["role"] == "assistant"]
+    return bool(replies) and not any(r.strip() for r in replies)
+
+
 def record_hash(norm: dict) -> int:
     """64-bit hash of a normalised record: equal for exact duplicate examples (overlap checks)."""
     text = json.dumps(norm, sort_keys=True, ensure_ascii=False)

@@ -7,9 +7,13 @@ file system or the order of the YAML. Sampling (SPEC §2):
   per epoch, so a source's share of a batch follows its size;
 - ``stratified``: a fixed number of samples per source per batch (``data.batch_counts``, or the
   global batch split evenly), each source with its own seeded epochs; the rows are then shuffled
-  with a seed that depends on the step.
+  with a seed that depends on the step;
+- ``weighted``: each row's source drawn with the weights plugin's pi as sampling probabilities,
+  then that source's next sample from its own seeded epochs (without replacement inside a source
+  until it is exhausted). This is how ``scalebio train`` fine-tunes on a mixture.
 
-Either way pi enters only through the loss coefficients. Every rank draws the same global batch
+With ``uniform`` and ``stratified`` pi enters only through the loss coefficients (the bilevel
+solvers); with ``weighted`` it enters only through the sampling. Every rank draws the same global batch
 from the same seed and takes its own part in the backend; the sampler state (epoch and position
 of each stream) is all a resumed run needs to see exactly the batches it would have seen.
 
@@ -29,7 +33,7 @@ from .cache import load_or_build
 from .formats import DataError, encode, normalize
 from .sources import describe
 
-_STREAM_TRAIN, _STREAM_VAL, _STREAM_ROWS, _STREAM_SOURCE = 1, 2, 3, 100
+_STREAM_TRAIN, _STREAM_VAL, _STREAM_ROWS, _STREAM_WEIGHTED, _STREAM_SOURCE = 1, 2, 3, 4, 100
 
 
 @dataclass
@@ -101,6 +105,11 @@ class TokenizedSet:
         if self.skipped:
             examples = self.store.info.get("skip_examples") or []
             line += f", {self.skipped} malformed records skipped" + (f" (first: {examples[0]})" if examples else "")
+        empty = int(self.store.info.get("empty", 0))
+        if empty:  # data.on_empty: skipped by default, or kept
+            how = "kept" if self.store.info.get("on_empty") == "keep" else "skipped"
+            first = (self.store.info.get("empty_examples") or ["?"])[0]
+            line += f", {empty} with an empty response {how} (first: {first})"
         if self.status.get("cached"):
             how = "from cache"
         elif self.status.get("key"):
@@ -147,6 +156,48 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._perm = self._permutation(self.epoch)
+
+
+class WeightedSampler:
+    """Flat indices into the pooled sources (offsets ``offsets``), each drawn from source k with
+    probability ``pi[k]``.
+
+    Draw d picks its source with a generator seeded by (seed, stream, d), then takes the next
+    sample of that source's own :class:`EpochSampler`, so a source gives every sample once before
+    any repeats. The state is the draw count plus the per-source samplers' states; ``pi`` is set
+    before each batch (the weights plugin's current pi).
+    """
+
+    def __init__(self, sources: list, offsets: np.ndarray, seed: int, stream: int):
+        self.sources, self.offsets, self.seed, self.stream = sources, offsets, seed, stream
+        self.draws = 0
+        self._cdf = None
+
+    def set_probs(self, pi) -> None:
+        pi = np.asarray(pi, dtype=np.float64)
+        if pi.shape != (len(self.sources),) or not np.isfinite(pi).all() or (pi < 0).any() or pi.sum() <= 0:
+            raise DataError(f"weighted sampling needs one finite, non-negative weight per source "
+                            f"({len(self.sources)}), not all zero; got {pi.tolist()}")
+        self._cdf = np.cumsum(pi / pi.sum())
+        self._last = int(np.flatnonzero(pi > 0)[-1])  # rounding never lands on a zero-weight source
+
+    def _source(self, draw: int) -> int:
+        if self._cdf is None:
+            raise DataError("data.sampling: weighted needs sampling probabilities (the weights plugin's pi)")
+        u = np.random.default_rng([self.seed, self.stream, draw]).random()
+        return min(int(np.searchsorted(self._cdf, u, side="right")), self._last)
+
+    def peek(self) -> int:
+        k = self._source(self.draws)
+        return int(self.offsets[k]) + self.sources[k].peek()
+
+    def take(self, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            k = self._source(self.draws)
+            out[j] = self.offsets[k] + self.sources[k].take(1)[0]
+            self.draws += 1
+        return out
 
 
 def collate(samples: list, sources: list, seq_length: int, pad_id: int) -> Batch:
@@ -214,15 +265,17 @@ def pack_rows(sampler: EpochSampler, positions: np.ndarray, rows: int, seq_lengt
 class RunData:
     """The tokenized sources, validation and test sets of a run, and their seeded batch streams.
 
-    ``global_batch``, when given, is checked against stratified batch counts up front."""
+    ``global_batch``, when given, is checked against stratified batch counts up front.
+    ``sampling_probs`` (a callable returning pi, e.g. the weights plugin's ``probs``) is what
+    ``sampling: weighted`` draws by. Without ``data.validation``, ``val`` is None and
+    ``next_val`` returns None (the bilevel solvers refuse such a run before it starts)."""
 
-    def __init__(self, cfg, tokenizer, seed: int, global_batch: int | None = None, progress: bool = False):
+    def __init__(self, cfg, tokenizer, seed: int, global_batch: int | None = None, progress: bool = False,
+                 sampling_probs=None):
         from ..tokenizer import chat_template_for
 
         if not cfg.sources:
             raise DataError("data.sources is empty: name at least one training source")
-        if cfg.validation is None:
-            raise DataError("data.validation is not set: the bilevel objective needs a validation set")
         self.cfg, self.seed = cfg, seed
         self.seq_length = cfg.seq_length
         self.pad_id = tokenizer.pad_id
@@ -231,7 +284,8 @@ class RunData:
         self.source_names = sorted(cfg.sources)
         load = self._load_set
         self.train = [load(f"source '{n}'", n, cfg.sources[n], tokenizer, progress) for n in self.source_names]
-        self.val = load("validation set", "validation", cfg.validation, tokenizer, progress)
+        self.val = load("validation set", "validation", cfg.validation, tokenizer, progress) \
+            if cfg.validation is not None else None
         self.test = load("test set", "test", cfg.test, tokenizer, progress) if cfg.test is not None else None
         self.warnings: list = []
         self._check_overlap()
@@ -239,11 +293,22 @@ class RunData:
         self._offsets = np.cumsum([0] + sizes)
         self._train_positions = np.concatenate([t.positions for t in self.train])
         self._train_sampler = EpochSampler(int(self._offsets[-1]), seed, _STREAM_TRAIN)
-        self._val_sampler = EpochSampler(len(self.val.samples), seed, _STREAM_VAL)
+        self._val_sampler = EpochSampler(self.val_size, seed, _STREAM_VAL)
         self._source_samplers = [EpochSampler(n, seed, _STREAM_SOURCE + k) for k, n in enumerate(sizes)]
+        # weighted draws take from the same per-source streams as stratified ones (the modes exclude each other)
+        self._weighted = WeightedSampler(self._source_samplers, self._offsets, seed, _STREAM_WEIGHTED)
+        self._sampling_probs = sampling_probs
         self._step = 0
         if global_batch is not None and self.sampling == "stratified":
             self.batch_counts(global_batch)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val.samples) if self.val is not None else 0
+
+    def source_sizes(self) -> dict:
+        """Samples per source after tokenization (what ``natural`` weights are proportional to)."""
+        return {t.name: len(t.samples) for t in self.train}
 
     def _load_set(self, label, name, scfg, tokenizer, progress) -> TokenizedSet:
         store, status = load_or_build(label, scfg, self.cfg, tokenizer, self.chat, progress=progress)
@@ -256,9 +321,10 @@ class RunData:
     def _check_overlap(self) -> None:
         """Validation and test examples that are exact duplicates of training examples (after
         normalisation, so the same conversation in ShareGPT and messages form counts)."""
-        held = [(self.val, "validation set", self.train)]
+        val = [self.val] if self.val is not None else []
+        held = [(self.val, "validation set", self.train)] if self.val is not None else []
         if self.test is not None:
-            held.append((self.test, "test set", self.train + [self.val]))
+            held.append((self.test, "test set", self.train + val))
         for data, what, others in held:
             hits = []
             for other in others:
@@ -302,14 +368,22 @@ class RunData:
             items = [items[o] for o in order]
             samples = [self.train[k].sample(i) for k, i in items]
             return collate(samples, [k for k, _ in items], self.seq_length, self.pad_id)
+        sampler = self._train_sampler
+        if self.sampling == "weighted":
+            if self._sampling_probs is None:
+                raise DataError("data.sampling: weighted needs sampling probabilities (the weights plugin's pi)")
+            sampler = self._weighted
+            sampler.set_probs(self._sampling_probs())
         if self.packing:
-            rows = pack_rows(self._train_sampler, self._train_positions, n, self.seq_length)
+            rows = pack_rows(sampler, self._train_positions, n, self.seq_length)
             return collate_packed([[self._train_item(i) for i in row] for row in rows], self.seq_length, self.pad_id)
-        flat = self._train_sampler.take(n)
+        flat = sampler.take(n)
         items = [self._train_item(int(i)) for i in flat]
         return collate([s for s, _ in items], [k for _, k in items], self.seq_length, self.pad_id)
 
-    def next_val(self, n: int) -> Batch:
+    def next_val(self, n: int) -> Batch | None:
+        if self.val is None:
+            return None
         if self.packing:
             rows = pack_rows(self._val_sampler, self.val.positions, n, self.seq_length)
             return collate_packed([[(self.val.sample(i), -1) for i in row] for row in rows], self.seq_length,
@@ -331,7 +405,7 @@ class RunData:
     # ------------------------------------------------------------------ reporting and state
 
     def summary(self) -> list:
-        rows = [t.describe() for t in self.train + [self.val] + ([self.test] if self.test is not None else [])]
+        rows = [t.describe() for t in self.train + [s for s in (self.val, self.test) if s is not None]]
         how = self.sampling
         if self.cfg.batch_counts:
             how += " (" + ", ".join(f"{n} {self.cfg.batch_counts[n]}" for n in self.source_names) + " per batch)"
@@ -340,7 +414,7 @@ class RunData:
 
     def state_dict(self) -> dict:
         return {"sampling": self.sampling, "packing": self.packing, "sizes": [len(t.samples) for t in self.train],
-                "val_size": len(self.val.samples), "step": self._step,
+                "val_size": self.val_size, "step": self._step, "draws": self._weighted.draws,
                 "train": self._train_sampler.state_dict(), "val": self._val_sampler.state_dict(),
                 "sources": [s.state_dict() for s in self._source_samplers]}
 
@@ -350,7 +424,7 @@ class RunData:
         if state.get("sampling", self.sampling) != self.sampling or state.get("packing", self.packing) != self.packing:
             raise DataError(f"the saved data state is for sampling={state.get('sampling')}, packing="
                             f"{state.get('packing')}; this run has sampling={self.sampling}, packing={self.packing}")
-        if saved != sizes or state.get("val_size", len(self.val.samples)) != len(self.val.samples):
+        if saved != sizes or state.get("val_size", self.val_size) != self.val_size:
             raise DataError(f"the data changed since the state was saved (samples per source {saved} then, {sizes} "
                             f"now): a resumed run could not see the batches it would have seen")
         self._train_sampler.load_state_dict(state["train"])
@@ -358,3 +432,4 @@ class RunData:
         for s, st in zip(self._source_samplers, state.get("sources", [])):
             s.load_state_dict(st)
         self._step = int(state.get("step", 0))
+        self._weighted.draws = int(state.get("draws", 0))

@@ -66,5 +66,8 @@ def _prepare_one(label, name, scfg, cfg, tokenizer, chat, pool, force, progress,
     else:
         say(f"  {name}: {status['records']} records, {status['tokens']} tokens in {seconds:.1f}s "
             f"({status['records'] / seconds:,.0f} records/s, {status['tokens'] / seconds:,.0f} tokens/s)"
-            + (f", {status['skipped']} malformed records skipped" if status["skipped"] else ""))
+            + (f", {status['skipped']} malformed records skipped" if status["skipped"] else "")
+            + (f", {status['empty']} with an empty response {'kept' if status['on_empty'] == 'keep' else 'skipped'}"
+               if status.get("empty") else "")
+            + (" (rebuilt: the cached entry was damaged)" if status.get("rebuilt") else ""))
     return {"name": name, "supervised_tokens": ts.supervised_tokens, **status, "wall_s": seconds}

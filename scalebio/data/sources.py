@@ -16,7 +16,7 @@ import io
 import json
 from pathlib import Path
 
-from .formats import DataError, RecordError, normalize
+from .formats import DataError, RecordError, is_empty, normalize
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".txt": "txt", ".parquet": "parquet", ".arrow": "arrow"}
@@ -90,15 +90,22 @@ class _JsonFileLine(JsonLine):
     __slots__ = ()
 
 
+def _json_msg(exc: json.JSONDecodeError) -> str:
+    """The parser's message without its own dangling "at" ("Invalid control character at")."""
+    return exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+
+
 def parse_item(record, problem):
     """``(record, problem)`` of a reader's item, parsing a JsonLine."""
     if problem is None and isinstance(record, JsonLine):
         try:
-            return json.loads(record), None
+            # without the line ending: a record cut short is reported at its end, not at "column 1" of
+            # the line after it
+            return json.loads(record.rstrip("\r\n")), None
         except json.JSONDecodeError as exc:
             hint = "; a .json file is read as an array of records or as JSON lines" \
                 if isinstance(record, _JsonFileLine) else ""
-            return None, f"malformed JSON ({exc.msg} at column {exc.colno}){hint}"
+            return None, f"malformed JSON ({_json_msg(exc)} at column {exc.colno}){hint}"
     return record, problem
 
 
@@ -113,6 +120,8 @@ def _read_jsonl(path: Path, data: bytes | None = None, line_type=JsonLine):
     fh = open(path, "rb") if data is None else io.BytesIO(data)
     with fh:
         for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors write one)
+                raw = raw[3:]
             line, problem = _decode(raw)
             if problem is None and not line.strip():
                 continue
@@ -150,7 +159,7 @@ def _read_json(path: Path):
             rec, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as exc:
             # past a broken element the array cannot be resynchronised: an error even in skip mode
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}) in a JSON "
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({_json_msg(exc)} at column {exc.colno}) in a JSON "
                             f"array; records after it cannot be read") from None
         line += text.count("\n", counted, i)
         counted = i
@@ -196,6 +205,8 @@ def _read_csv(path: Path, delimiter: str):
 def _read_txt(path: Path):
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             line, problem = _decode(raw)
             if problem is None:
                 line = line.rstrip("\r\n")
@@ -297,13 +308,34 @@ class ProblemLog:
             self.skip_examples.append(f"{where}: {problem}")
 
 
+class EmptyLog:
+    """Records with an empty response (formats.is_empty) of one source: ``__call__`` returns
+    whether to keep the record, counting it either way, or raises (``on_empty: error``)."""
+
+    def __init__(self, label: str, on_empty: str):
+        self.label, self.on_empty = label, on_empty
+        self.count = 0
+        self.examples: list = []
+
+    def __call__(self, where: str) -> bool:
+        if self.on_empty == "error":
+            raise DataError(f"{where}: the response is empty, so only the end-of-sequence token would be supervised "
+                            f"({self.label}; set on_empty: skip to leave such records out, or keep to train on them)")
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(where)
+        return self.on_empty == "keep"
+
+
 class RecordReader:
     """The valid records of a source as ``(where, raw, normalised)``, in order, at most
-    ``max_samples``; bad records go to ``self.problems`` (a ProblemLog)."""
+    ``max_samples``; bad records go to ``self.problems`` (a ProblemLog), records with an empty
+    response to ``self.empties`` (an EmptyLog), as the tokenized cache treats them."""
 
-    def __init__(self, label: str, cfg, on_error: str, hf_cache=None):
+    def __init__(self, label: str, cfg, on_error: str, hf_cache=None, on_empty: str = "skip"):
         self.label, self.cfg, self.hf_cache = label, cfg, hf_cache
         self.problems = ProblemLog(label, on_error)
+        self.empties = EmptyLog(label, on_empty)
         self.count = 0
 
     @property
@@ -322,6 +354,8 @@ class RecordReader:
                     problem = str(exc)
             if problem is not None:
                 self.problems(where, problem)
+                continue
+            if is_empty(norm) and not self.empties(where):
                 continue
             self.count += 1
             yield where, raw, norm

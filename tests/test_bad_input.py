@@ -1,0 +1,356 @@
+"""Bad input through the command line, as a new user gives it: every case is one line of error
+(no traceback) with exit code 2, before any data is read where the input allows, and the user's
+files are byte-for-byte unchanged with nothing new left next to them. docs/bad-input.md lists
+what is checked; the cases that need a real run or a real file system (overwrite, a full disk,
+a kill during prepare --force) follow the battery."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import DEMO_DIR, REPO, TINY, write_jsonl
+from scalebio.cli import main
+
+TOKENIZER = DEMO_DIR / "tokenizer.model"
+
+
+# --------------------------------------------------------------------------- file systems
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    """A tmpfs at ``path`` (root only): a real read-only or full file system, no mocks."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return proc.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)  # lazy: even with a file still open
+
+
+def _fill(path: Path) -> None:
+    """Write to ``path`` until the file system is full (unbuffered: nothing is left to flush)."""
+    with open(path, "ab", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def read_only_dir(path: Path):
+    """A directory nothing can be written in: a read-only mount as root (root ignores mode bits),
+    else mode 0555. Yields None when neither is possible here."""
+    if os.geteuid() != 0:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o555)
+        try:
+            yield path
+        finally:
+            os.chmod(path, 0o755)
+    elif _mount_tmpfs(path, "ro,size=1m"):
+        try:
+            yield path
+        finally:
+            _umount(path)
+    else:
+        yield None
+
+
+@contextlib.contextmanager
+def full_fs(path: Path, size: str = "2m"):
+    """A small tmpfs filled to the last byte (root only; yields None elsewhere)."""
+    if not _mount_tmpfs(path, f"size={size}"):
+        yield None
+        return
+    try:
+        _fill(path / "filler")
+        yield path
+    finally:
+        _umount(path)
+
+
+# --------------------------------------------------------------------------- the user's workspace
+
+
+def _data_yaml(path: Path, sources: dict, validation: str, extra: str = "", tokenizer=TOKENIZER) -> Path:
+    lines = ["seq_length: 32", f"tokenizer: {{type: sentencepiece, path: {tokenizer}}}", "sources:"]
+    lines += [f"  {n}: {{{spec}}}" for n, spec in sources.items()]
+    lines.append(f"validation: {{{validation}}}")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def _records(n, tag):
+    return [{"prompt": f"Question {tag}{i} about lists", "response": f"Answer {i}: use append."} for i in range(n)]
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A user's files: data, data YAMLs (good and bad), weights, an earlier run directory that also
+    holds the user's notes, a plain file, a model YAML with learned positions, a garbage tokenizer."""
+    monkeypatch.setenv("SCALEBIO_CACHE", str(tmp_path / "cache"))  # outside the workspace
+    w = tmp_path / "ws"
+    d = w / "data"
+    d.mkdir(parents=True)
+    write_jsonl(d / "a.jsonl", _records(20, "a"))
+    write_jsonl(d / "b.jsonl", _records(20, "b"))
+    write_jsonl(d / "val.jsonl", _records(6, "v"))
+    pr = "format: prompt_response"
+    _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (d / "shards").mkdir()
+    write_jsonl(d / "shards" / "s1.jsonl", _records(10, "s"))
+    _data_yaml(d / "dir.yaml", {"a": f"path: shards, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    _data_yaml(d / "glob.yaml", {"a": f"path: 'shards/*.jsonl', {pr}", "b": f"path: b.jsonl, {pr}"},
+               f"path: val.jsonl, {pr}")
+    (w / "garbage.model").write_bytes(bytes(range(256)) * 8)
+    _data_yaml(d / "garbage_tok.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}",
+               tokenizer=w / "garbage.model")
+    (d / "cut.jsonl").write_text(json.dumps(_records(1, "c")[0]) + "\n" + '{"prompt": "Question", "response": \n')
+    _data_yaml(d / "cut.yaml", {"a": f"path: cut.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    write_jsonl(d / "hollow.jsonl", _records(3, "h") + [{"prompt": "Say nothing.", "response": " "}])
+    _data_yaml(d / "hollow.yaml", {"a": f"path: hollow.jsonl, {pr}"}, f"path: val.jsonl, {pr}", "on_empty: error\n")
+    _data_yaml(d / "twice.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _data_yaml(d / "tilde.yaml", {"a": f"path: ~/corpus/a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (w / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (w / "weights.json").write_text(json.dumps({"a": 0.6, "b": 0.4}))
+    old = w / "oldrun"
+    old.mkdir()
+    (old / "config.yaml").write_text("run: {}\n")
+    (old / "metrics.jsonl").write_text('{"step": 0}\n')
+    (old / "notes.txt").write_text("my notes on this run\n")
+    (w / "afile").write_text("not a directory\n")
+    (w / "ckpt").mkdir()
+    (w / "learned.yaml").write_text("family: gpt2\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n"
+                                    "ffn_hidden_size: 128\nvocab_size: 512\nmax_sequence_length: 16\n"
+                                    "position_embedding_type: learned_absolute\nnormalization: LayerNorm\n"
+                                    "activation: gelu\n")
+    with read_only_dir(tmp_path / "ro") as ro:
+        yield w, ro
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+T = " ".join(f"--set {s}" for s in TINY)  # if a case ever ran, it would be a tiny run
+
+# (id, command line; {w} is the workspace, {ro} a read-only directory), the message, whether the
+# check may come after data was read (only errors in the data itself)
+CASES = [
+    ("steps-zero", "run --data {w}/data/data.yaml --steps 0 --out {w}/r", r"^error: --steps 0: run\.steps must be at least 1", False),
+    ("set-alpha-zero", "run --data {w}/data/data.yaml --set minimax.alpha=0 --out {w}/r",
+     r"^error: --set minimax\.alpha=0: minimax\.alpha must be positive", False),
+    ("set-val-batch-zero", "run --steps 1 --set run.val_batch=0 --out {w}/r",  # the demo's run.yaml sets run: first
+     r"^error: --set run\.val_batch=0: run\.val_batch must be at least 1", False),
+    ("seed-negative", "run --data {w}/data/data.yaml --seed -1 --out {w}/r", r"^error: --seed -1: run\.seed must be in", False),
+    ("lr-negative", "run --data {w}/data/data.yaml --set optim.lr=-1e-5 --out {w}/r", r"--set optim\.lr=-1e-5: optim\.lr must be >= 0", False),
+    ("beta1-one", "run --data {w}/data/data.yaml --set optim.adam_beta1=1 --out {w}/r", r"optim\.adam_beta1 must be in \[0, 1\)", False),
+    ("beta2-negative", "run --data {w}/data/data.yaml --set optim.adam_beta2=-0.5 --out {w}/r", r"optim\.adam_beta2 must be in \[0, 1\)", False),
+    ("layers-zero", "run --data {w}/data/data.yaml --set model.num_layers=0 --out {w}/r",
+     r"--set model\.num_layers=0: model\.num_layers must be at least 1", False),
+    ("out-unknown-placeholder", "run --data {w}/data/data.yaml --out {w}/r-{{modle}}", r"unknown placeholder \{modle\}", False),
+    ("out-open-brace", "run --data {w}/data/data.yaml --out {w}/r-{{model", r"expected '\}' before end of string", False),
+    ("out-stray-close-brace", "run --data {w}/data/data.yaml --out {w}/r}}", r"Single '\}' encountered", False),
+    ("model-missing", "run --data {w}/data/data.yaml --model {w}/nope.yaml --out {w}/r",
+     r"--model .*nope\.yaml: the file does not exist", False),
+    ("load-missing", "run --data {w}/data/data.yaml --load {w}/nockpt --out {w}/r", r"--load .*nockpt: the path does not exist", False),
+    ("load-is-a-file", "run --data {w}/data/data.yaml --load {w}/afile --out {w}/r", r"--load .*afile: the path is a file", False),
+    ("learned-positions-too-short", "run --data {w}/data/data.yaml --model {w}/learned.yaml --set data.seq_length=32 "
+     "--out {w}/r", r"data\.seq_length=32 \(--set data\.seq_length=32\) exceeds model\.max_sequence_length=16", False),
+    ("run-out-is-a-file", "run --data {w}/data/data.yaml --out {w}/afile", r"run directory .*afile is a file", False),
+    ("run-out-under-a-file", "run --data {w}/data/data.yaml --out {w}/afile/run", r"afile is a file, so nothing can be written under it", False),
+    ("run-out-read-only", "run --data {w}/data/data.yaml --out {ro}/run", r"run directory .*/run: cannot write in .*ro", False),
+    ("run-overwrite-foreign-files", "run --data {w}/data/data.yaml --out {w}/oldrun --overwrite",
+     r"oldrun holds files a run does not write \(notes\.txt\)", False),
+    ("run-overwrite-not-a-run", "run --data {w}/data/data.yaml --out {w}/data --overwrite",
+     r"data holds files a run does not write", False),
+    ("run-existing-dir", "run --data {w}/data/data.yaml --out {w}/oldrun", r"already exists and is not empty", False),
+    ("garbage-tokenizer-run", "run --data {w}/data/garbage_tok.yaml --out {w}/r", r"garbage\.model is not a sentencepiece model", False),
+    ("garbage-tokenizer-prepare-workers", "prepare --data {w}/data/garbage_tok.yaml --workers 2 --no-progress",
+     r"garbage\.model is not a sentencepiece model", False),
+    ("same-data-as-two-sources", "prepare --data {w}/data/twice.yaml --no-progress",
+     r"sources 'a' and 'b' read the same data .*: their weights would split one source's share", False),
+    ("tilde-in-a-yaml-path", "prepare --data {w}/data/tilde.yaml --no-progress",
+     r"data file not found: \S*/home/corpus/a\.jsonl$", False),
+    ("binary-file-as-config", "run --data {w}/data/data.yaml --config {w}/binary.yaml --out {w}/r",
+     r"binary\.yaml: not a YAML file \(not valid UTF-8 at byte 1\)", False),
+    ("lisa-gamma-above-the-layers", "run --data {w}/data/data.yaml --plugins lisa --set lisa.gamma=100 --out {w}/r",
+     r"lisa\.gamma=100 exceeds the model's 4 decoder layers", False),
+    ("prepare-hundreds-of-workers", "prepare --data {w}/data/data.yaml --workers 100000 --no-progress",
+     r"--workers 100000: this process may use \d+ CPU cores", False),
+    ("json-cut-short", "prepare --data {w}/data/cut.yaml --no-progress",
+     r"cut\.jsonl:2: malformed JSON \(Expecting value at column 36\)", True),
+    ("empty-response-on-empty-error", "prepare --data {w}/data/hollow.yaml --no-progress",
+     r"hollow\.jsonl:4: the response is empty, .*set on_empty: skip", True),
+    ("export-out-is-a-source", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/data/a.jsonl --overwrite", r"--out .*a\.jsonl is a data file of source 'a'", False),
+    ("export-out-is-the-validation-set", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/data/val.jsonl --overwrite", r"is a data file of validation set", False),
+    ("export-out-is-the-weights", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/weights.json --overwrite", r"is the export's own input", False),
+    ("export-out-is-the-data-yaml", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/data/data.yaml --overwrite", r"is the export's own input", False),
+    ("export-out-in-a-source-dir", "export --weights {w}/weights.json --data {w}/data/dir.yaml --size 10 "
+     "--out {w}/data/shards/mix.jsonl", r"lies inside the directory of source 'a'", False),
+    ("export-out-matches-a-glob", "export --weights {w}/weights.json --data {w}/data/glob.yaml --size 10 "
+     "--out {w}/data/shards/mix.jsonl", r"matches the files of source 'a'", False),
+    ("export-out-under-a-file", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/afile/mix.jsonl", r"afile is a file, so nothing can be written under it", False),
+    ("export-out-is-a-dir", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 --out {w}/ckpt "
+     "--overwrite", r"--out .*ckpt is a directory", False),
+    ("export-out-read-only", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {ro}/mix.jsonl", r"--out .*mix\.jsonl: cannot write in", False),
+    ("export-seed-negative", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/mix.jsonl --seed -3", r"--seed must be in \[0, 2\*\*32\), got -3", False),
+    ("export-format-against-the-extension", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 "
+     "--out {w}/mix.jsonl --format parquet", r"--format parquet does not match --out .*mix\.jsonl", False),
+    ("export-weights-is-a-run-dir", "export --weights {w}/oldrun --data {w}/data/data.yaml --size 10 "
+     "--out {w}/mix.jsonl", r"cannot read weights file .*oldrun: Is a directory \(give .*oldrun/weights\.json\)", False),
+    ("export-weights-is-binary", "export --weights {w}/binary.yaml --data {w}/data/data.yaml --size 10 "
+     "--out {w}/mix.jsonl", r"binary\.yaml: not a weights\.json \(not valid UTF-8", False),
+    ("eval-output-under-a-file", "eval --load {w}/ckpt --data {w}/data/data.yaml --output {w}/afile/x.json",
+     r"--output .*afile is a file", False),
+    ("eval-output-read-only", "eval --load {w}/ckpt --data {w}/data/data.yaml --output {ro}/x.json",
+     r"--output .*x\.json: cannot write in", False),
+    ("eval-output-is-the-data-yaml", "eval --load {w}/ckpt --data {w}/data/data.yaml --output {w}/data/data.yaml",
+     r"--output .*data\.yaml is an input of the evaluation", False),
+    ("eval-load-missing", "eval --load {w}/nockpt --data {w}/data/data.yaml", r"--load .*nockpt: the path does not exist", False),
+]
+
+
+@pytest.mark.parametrize("argv, message, reads_data", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, argv, message, reads_data):
+    import re
+    import shlex
+
+    w, ro = ws
+    if "{ro}" in argv and ro is None:
+        pytest.skip("no read-only directory can be made here (root without mount permission)")
+    cache = w.parent / "cache"
+    before = _snapshot(w)
+    args = shlex.split(argv.format(w=w, ro=ro))
+    if args[0] == "run":  # the case's own settings come after (and win over) the tiny ones
+        args[1:1] = shlex.split(T)
+    rc = main(args)  # an exception escaping here is the traceback a user would see
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), err
+    assert _snapshot(w) == before  # nothing changed, nothing new (no run directory, no temporary file)
+    if not reads_data:  # refused before any data was tokenized
+        assert not (cache / "tokenized").exists() or not any((cache / "tokenized").iterdir())
+
+
+# --------------------------------------------------------------------------- beyond the battery
+
+
+def _tiny_run(out: Path, data: Path, *extra) -> int:
+    return main(["run", "--data", str(data), "--steps", "1", "--out", str(out), *extra]
+                + [a for s in TINY for a in ("--set", s)])
+
+
+def test_overwrite_replaces_an_earlier_run_and_nothing_else(ws, capsys):
+    w, _ = ws
+    out = w / "run1"
+    assert _tiny_run(out, w / "data" / "data.yaml") == 0
+    first = _snapshot(out)
+    assert {"config.yaml", "metrics.jsonl", "weights.json", "pi.csv", "pi.png"} <= set(first)
+    (out / ".weights.json.tmp-99999").write_text("left by a killed run")  # a run's own temporary: removed
+    assert _tiny_run(out, w / "data" / "data.yaml", "--overwrite", "--seed", "7") == 0
+    assert set(_snapshot(out)) == set(first)
+    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["seed"] == 7
+    # a refused --overwrite removes nothing, even the run's own files
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    assert _tiny_run(out, w / "data" / "data.yaml", "--overwrite") == 2
+    assert _snapshot(out) == before
+    assert "holds files a run does not write (notes.txt)" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_refused_up_front_and_mid_run_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    from scalebio.config import ConfigError
+    from scalebio.outputs import RunWriter, atomic_write
+
+    monkeypatch.setenv("SCALEBIO_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", _records(10, "a"))
+    pr = "format: prompt_response"
+    data = _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: a.jsonl, {pr}", "overlap: warn\n")
+    with full_fs(tmp_path / "full") as full:
+        if full is None:
+            pytest.skip("needs root to mount a small tmpfs")
+        assert _tiny_run(full / "run", data) == 2
+        err = capsys.readouterr().err
+        assert "run directory" in err and "is full" in err and "Traceback" not in err
+        assert not (tmp_path / "cache" / "tokenized").exists()  # refused before the data was read
+        assert main(["export", "--weights", str(_weights(tmp_path)), "--data", str(data), "--size", "5",
+                     "--out", str(full / "mix.jsonl")]) == 2
+        assert "is full" in capsys.readouterr().err
+        # the disk fills up during a run: each write fails with a message, leaving no temporary file
+        os.truncate(full / "filler", (full / "filler").stat().st_size - (256 << 10))  # room for the run to start
+        writer = RunWriter(full / "run", ["a"])
+        writer.write_config({"run": {}})
+        try:
+            writer.step({"step": 0, "pi": {"a": 1.0}, "val_loss": 1.0})
+            _fill(full / "filler")  # now full again
+            with pytest.raises(ConfigError, match=r"cannot write .*big\.json: No space left on device"):
+                atomic_write(full / "run" / "big.json", "x" * (1 << 20))
+            with pytest.raises(ConfigError, match=r"No space left on device"):
+                writer.finish(1, [1.0], {"val_loss": ([0], [1.0])})
+        finally:
+            writer.close()
+        assert sorted(p.name for p in (full / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def _weights(tmp_path) -> Path:
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps({"a": 1.0}))
+    return path
+
+
+@pytest.mark.slow
+def test_a_kill_during_prepare_force_keeps_the_good_entry(tmp_path):
+    """prepare --force builds the new entry aside: SIGTERM while it tokenizes leaves the old entry,
+    verified and reported as cached by the next prepare."""
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "big.jsonl", _records(8000, "x"))
+    write_jsonl(d / "val.jsonl", _records(5, "v"))
+    pr = "format: prompt_response"
+    data = _data_yaml(d / "data.yaml", {"big": f"path: big.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    env = {**os.environ, "SCALEBIO_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--data", str(data), "--no-progress"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    tokenized = tmp_path / "cache" / "tokenized"
+    entries = sorted(p.name for p in tokenized.iterdir() if p.is_dir() and not p.name.startswith("."))
+    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 300
+    while not list(tokenized.glob(".*.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)  # waits for the rebuild to start (not a timed assertion)
+    assert proc.poll() is None, "the rebuild ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert sorted(p.name for p in tokenized.iterdir() if p.is_dir() and not p.name.startswith(".")) == entries
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already cached") == 2, again.stdout
+    assert not list(tokenized.glob(".*"))  # the killed build's temporary directory is gone
