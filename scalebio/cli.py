@@ -24,7 +24,8 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", default=None, metavar="DATA.yaml",
                     help="sources, validation set and tokenizer; without it the embedded demo runs")
     ap.add_argument("--config", action="append", default=[], metavar="RUN.yaml",
-                    help="run settings (sections run, optim, and plugin sections); repeatable")
+                    help="run settings (sections run, optim, and plugin sections), or the name of a shipped "
+                         "recipe (small-pretrained); repeatable")
     ap.add_argument("--steps", type=int, default=None, help="number of bilevel steps (run.steps)")
     ap.add_argument("--out", default=None, help="run directory (run.out; may use {model} and {time})")
     ap.add_argument("--seed", type=int, default=None, help="run.seed")

@@ -22,6 +22,7 @@ from .data import DataError, RunData
 from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
                       weights_table)
 from .plugins import Plugins
+from .recipes import resolve as resolve_recipe
 from .roles import MODELS, RunContext, options_dict
 from .tokenizer import load_tokenizer
 
@@ -92,8 +93,8 @@ def build_layers(req: RunRequest) -> tuple:
         layers.add({"run": {"load": str(Path(req.load).resolve())}}, f"--load {req.load}")
         if not layers.data["data"].get("tokenizer"):  # the checkpoint's own tokenizer files
             layers.add({"tokenizer": {"path": str(req.load)}}, f"--load {req.load}", ("data",))
-    for path in req.configs:
-        layers.add_file(path)
+    for path in req.configs:  # a file, or the name of a shipped recipe (scalebio/recipes/)
+        layers.add_file(resolve_recipe(path))
     _add_flags(layers, req)
     return layers, demo
 

@@ -17,7 +17,7 @@ from helpers import tiny_request
 
 STEPS = 4
 # 2 micro-batches of training rows per DP rank even at DP=2, so pipelines actually overlap;
-# independent LISA draws (the default) so u and w train different layers on every stage
+# independent LISA draws (not the default) so u and w train different layers on every stage
 COMMON = ("run.micro_batch=2", "lisa.interval=2", "lisa.gamma=2", "lisa.draw=independent",
           "softmax.lr=0.2", "minimax.alpha=5")
 

@@ -307,3 +307,16 @@ def test_a_killed_fetch_leaves_no_entry_and_the_next_one_cleans_up(smollm2, tmp_
         fetch("smollm2-135m", cache_dir=cache, file=_gguf(tmp_path / "m.gguf", "mamba"), log=lambda *a: None)
     _nothing_left(cache)
 
+
+def test_the_recipe_ships_with_the_package_and_resolves_by_name(tmp_path):
+    from helpers import tiny_request
+    from scalebio.recipes import available, recipes_dir
+
+    assert "small-pretrained" in available()
+    assert (recipes_dir() / "small-pretrained.yaml").is_file()
+    p = prepare(tiny_request(tmp_path, configs=("small-pretrained",)))
+    assert p.plugins.selected["layer_selection"] == "lisa" and p.plugins.selected["weights"] == "simplex"
+    assert p.options["layer_selection"].draw == "shared" and p.options["weights"].normalize == "rms"
+    assert p.config.optim.lr == 1e-4 and p.options["solver"].alpha == 1.0
+    with pytest.raises(ConfigError, match="cannot read config file no-such-recipe"):
+        prepare(tiny_request(tmp_path, configs=("no-such-recipe",)))
