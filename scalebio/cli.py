@@ -108,7 +108,8 @@ def add_prepare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     ap.add_argument("--cache-dir", default=None, help="cache directory (default: data.cache_dir, $SCALEBIO_CACHE "
                                                       "or ~/.cache/scalebio)")
-    ap.add_argument("--force", action="store_true", help="retokenize even when a cache entry exists")
+    ap.add_argument("--force", action="store_true",
+                    help="retokenize even when a cache entry exists (the old entry stays until the new one is complete)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

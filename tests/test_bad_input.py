@@ -354,3 +354,40 @@ def test_a_kill_during_prepare_force_keeps_the_good_entry(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already cached") == 2, again.stdout
     assert not list(tokenized.glob(".*"))  # the killed build's temporary directory is gone
+
+
+def test_a_read_only_prepared_cache_is_read_and_a_full_one_is_a_message(tmp_path):
+    """A cache prepared elsewhere and shared read-only still serves its entries (no lock can be
+    taken there, and none is needed); a cache that fills up is a message, and leaves no partial entry."""
+    from scalebio.data import DataError, RunData
+    from scalebio.data.prepare import load_data_config, prepare_data
+    from scalebio.tokenizer import load_tokenizer
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", _records(400, "a"))
+    write_jsonl(d / "val.jsonl", _records(5, "v"))
+    pr = "format: prompt_response"
+    data = _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    built, shared = tmp_path / "built", tmp_path / "shared"
+    prepare_data(load_data_config(data, [f"cache_dir={built}"]), progress=False, say=lambda *a: None)
+    shared.mkdir()
+    if not _mount_tmpfs(tmp_path / "probe", "size=64k"):
+        pytest.skip("needs root to mount file systems")
+    _umount(tmp_path / "probe")
+    subprocess.run(["mount", "--bind", str(built), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(shared)], check=True)
+        cfg = load_data_config(data, [f"cache_dir={shared}"])
+        run_data = RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
+        assert all("from cache" in line for line in run_data.summary()[:2])
+        cfg.seq_length = 16  # same entries: truncation is not part of the key
+        RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
+    finally:
+        _umount(shared)
+    with full_fs(tmp_path / "full", "64k") as full:
+        cfg = load_data_config(data, [f"cache_dir={full}"])
+        with pytest.raises(DataError, match=r"source 'a': cannot write its tokenized cache entry in .*\(No space left "
+                                            r"on device\); free some space"):
+            RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
+        assert not list((full / "tokenized").glob(".*"))  # no partial entry left behind

@@ -21,6 +21,7 @@ start. How an entry is verified and swapped: :mod:`.entry`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -119,7 +120,8 @@ class TokenStore:
                     np.save(fh, out)
                 os.replace(tmp, memo)
             except OSError:  # a read-only shared cache: just recompute next time
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # there, even removing the (absent) file fails: EROFS
+                    tmp.unlink(missing_ok=True)
         return out
 
     def sample(self, i: int, limit: int) -> tuple:
@@ -359,7 +361,9 @@ def build_store(label: str, cfg, on_error: str, tokenizer, chat, directory, hf_c
 
 
 class _Lock:
-    """An exclusive lock on a file (fcntl): one process builds a cache entry, the others wait."""
+    """An exclusive lock on a file (fcntl): one process builds a cache entry, the others wait. In a
+    cache that cannot be written (a prepared cache shared read-only) there is no lock, and none is
+    needed: nothing can change there."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -367,15 +371,20 @@ class _Lock:
     def __enter__(self):
         import fcntl
 
-        self.fh = open(self.path, "a")
+        try:
+            self.fh = open(self.path, "a")
+        except OSError:
+            self.fh = None
+            return self
         fcntl.flock(self.fh, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
         import fcntl
 
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
 
 
 def _say_stderr(msg: str) -> None:
@@ -406,8 +415,9 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
                         f"$SCALEBIO_CACHE to a writable place, or data.cache: false") from None
     final = tokenized / key
     rebuilt = None
-    with _Lock(tokenized / f"{key}.lock"):
-        recover(tokenized, key)  # builds hold the lock: anything aside is left by a killed process
+    with _Lock(tokenized / f"{key}.lock") as lock:
+        if lock.fh is not None:
+            recover(tokenized, key)  # builds hold the lock: anything aside is left by a killed process
         if final.exists() and not force:
             try:
                 store = open_store(final)
@@ -417,14 +427,20 @@ def load_or_build(label: str, cfg, data_cfg, tokenizer, chat, progress: bool = F
                 rebuilt = str(exc) if isinstance(exc, DamagedEntry) else f"{type(exc).__name__}: {exc}"
                 say(f"{label}: the cache entry {final} is damaged ({rebuilt}); rebuilding it")
         tmp = tokenized / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             _, info = build_store(label, cfg, on_error, tokenizer, chat, tmp, hf_cache, pool, progress, on_empty)
             (tmp / "key.json").write_text(json.dumps({**ident, "files": entry_files(tmp)}, indent=1) + "\n")
             for f in tmp.iterdir():  # on disk before the rename, so that even a power cut cannot expose a torn entry
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             swap_in(tmp, final)  # the old entry (--force, or a damaged one) stays until the new one is complete
+        except OSError as exc:
+            if exc.filename and not str(exc.filename).startswith(str(tokenized)):  # reading the data
+                raise DataError(f"{label}: cannot read {exc.filename} ({exc.strerror})") from None
+            raise DataError(f"{label}: cannot write its tokenized cache entry in {tokenized} ({exc.strerror}); free "
+                            f"some space, set data.cache_dir or $SCALEBIO_CACHE to a writable place, or set "
+                            f"data.cache: false") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
