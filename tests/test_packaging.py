@@ -16,7 +16,8 @@ from helpers import REPO
 from scalebio.commands import COMMANDS
 
 # imports of optional extras, each behind a check with a clear message (scalebio.extras) or a fallback
-OPTIONAL = {"transformer_engine": "gpu", "tensorboard": "tensorboard", "wandb": "wandb"}
+# modules only optional features import, each behind a check that names its extra
+OPTIONAL = {"transformer_engine": "gpu", "tensorboard": "tensorboard", "wandb": "wandb", "transformers": "gguf"}
 
 
 def _canon(name: str) -> str:
