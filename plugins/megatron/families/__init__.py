@@ -7,16 +7,14 @@ adding one module here that defines ``FAMILY``, and listing it in ``FAMILIES``.
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError
-from . import gpt2, llama, qwen2
+from . import gemma2, gpt2, llama, qwen2
 from .base import Family
 
-FAMILIES: dict = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, llama.MISTRAL, gpt2.FAMILY)}
+FAMILIES: dict = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, llama.MISTRAL, gpt2.FAMILY, gemma2.FAMILY)}
 ARCHITECTURES = {arch: f for f in FAMILIES.values() for arch in f.hf_architectures}
 MODEL_TYPES = {t: f for f in FAMILIES.values() for t in f.model_types}
 # architectures scalebio recognises but refuses, with what their models compute that it does not
 REFUSED = {
-    "Gemma2ForCausalLM": "Gemma-2 has no family adapter (logit soft-capping, sandwich norms, (1 + w) RMSNorm, "
-                         "sliding windows on alternating layers)",
     "GemmaForCausalLM": "Gemma (v1) has no family adapter (its layer is Llama's, not Gemma-2's sandwich-norm "
                         "layer with soft-capping)",
     "Gemma3ForCausalLM": "Gemma-3 has no family adapter (QK norms, a second RoPE base for local layers, "

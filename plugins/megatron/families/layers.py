@@ -8,16 +8,22 @@ both the local and the Transformer Engine layer specs; none allocates on a hard-
 - :func:`core_attention`: dot-product attention with tanh soft-capping of the scores and a
   sliding window that is combined with the given mask. megatron-core's local softmax *replaces*
   the mask by the window (packed samples would see each other) and has no soft-capping.
+- :class:`SandwichNormLayer`: a norm before *and* after each sublayer (Gemma-2).
 - hooks for the embedding multiplier and the final-logit soft-capping, and RoPE scaling with
   the configured parameters.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import make_viewless_tensor
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
@@ -77,6 +83,44 @@ class CoreAttention(DotProductAttention):
 def core_attention(model):
     """The core-attention builder of a model: soft-capping from its config."""
     return functools.partial(CoreAttention, softcap=model.attn_logit_softcapping)
+
+
+def _add_bias(output_with_bias) -> torch.Tensor:
+    out, bias = output_with_bias
+    return out if bias is None else out + bias
+
+
+def _viewless(t: torch.Tensor) -> torch.Tensor:
+    return make_viewless_tensor(inp=t, requires_grad=t.requires_grad, keep_graph=True)
+
+
+@dataclass
+class SandwichNormSubmodules(TransformerLayerSubmodules):
+    post_attention_layernorm: Union[ModuleSpec, type] = IdentityOp
+    post_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
+
+
+class SandwichNormLayer(TransformerLayer):
+    """h = x + post_attention_norm(attn(input_norm(x))); out = h + post_mlp_norm(mlp(pre_mlp_norm(h))).
+
+    With the Transformer Engine spec the two pre-norms are fused into ``linear_qkv`` and
+    ``linear_fc1`` (``input_layernorm``/``pre_mlp_layernorm`` are then identities); the post-norms
+    are separate modules in both specs. No recompute, offloading or inference cache.
+    """
+
+    def __init__(self, config, submodules: SandwichNormSubmodules, *args, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        norm = dict(config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
+        self.post_attention_layernorm = build_module(submodules.post_attention_layernorm, **norm)
+        self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm)
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
+                **kwargs):
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                   rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+        hidden_states = hidden_states + self.post_attention_layernorm(_add_bias(attn))
+        mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        return _viewless(hidden_states + self.post_mlp_layernorm(_add_bias(mlp))), None
 
 
 # --------------------------------------------------------------------------- GPTModel hooks
