@@ -17,7 +17,8 @@ from scalebio.commands import COMMANDS
 
 # imports of optional extras, each behind a check with a clear message (scalebio.extras) or a fallback
 # modules only optional features import, each behind a check that names its extra
-OPTIONAL = {"transformer_engine": "gpu", "tensorboard": "tensorboard", "wandb": "wandb", "transformers": "gguf"}
+OPTIONAL = {"transformer_engine": "gpu", "tensorboard": "tensorboard", "wandb": "wandb",
+            "transformers": "gguf", "gguf": "gguf"}
 
 
 def _canon(name: str) -> str:
