@@ -146,7 +146,7 @@ def test_the_data_loads_through_the_data_loader(tmp_path, experiment):
     assert data.warnings == []  # no validation or test example duplicates a training one
 
 
-def test_missing_text_is_a_clear_error(tmp_path):
+def test_missing_text_and_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(corpora.CorpusError, match="apt-get install wordnet-base"):
         corpora.wordnet_items(random.Random(0), root=tmp_path)
     with pytest.raises(corpora.CorpusError, match=r"no gettext catalogs for 'de'"):
@@ -158,6 +158,9 @@ def test_missing_text_is_a_clear_error(tmp_path):
     r = _tool("noise-ladder", "--corpus", "pydoc", "--out", tmp_path / "o", "--tokenizer", tmp_path,
               "--levels", "0,50,25", check=False)
     assert r.returncode == 2 and "--levels '0,50,25'" in r.stderr
+    r = _tool("multilingual", "--out", tmp_path / "o", "--tokenizer", tmp_path, "--languages", "de,fr", "--target", "es",
+              check=False)
+    assert r.returncode == 2 and "--target 'es' is not one of --languages de,fr" in r.stderr
 
 
 def test_spearman_against_hand_computed_values():

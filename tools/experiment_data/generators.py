@@ -178,6 +178,8 @@ def multilingual(catalog: list, args, rng: random.Random):
     Every English message appears in one file only, in any language: the sources differ in the
     language of the response, not in what they say."""
     languages = args.languages.split(",")
+    if len(languages) < 2 or len(set(languages)) != len(languages):
+        raise CorpusError(f"--languages {args.languages!r}: give 2 or more distinct language codes, e.g. de,fr,es")
     if args.target not in languages:
         raise CorpusError(f"--target {args.target!r} is not one of --languages {args.languages}")
     parts = split(catalog, [args.train] * len(languages) + [args.eval] * 2, rng)
