@@ -377,7 +377,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
         if test is not None:
             print(f"\ntest set: token-mean loss of w {test['loss']:.4f} (perplexity {test['perplexity']:.2f}) "
                   f"over {test['tokens']} tokens")
-        print(f"\nLearned source weights after {cfg.run.steps} steps (losses: mean of the last "
+        heading = "Learned source weights" if ctx.weights.learns else "Source weights (fixed, not learned)"
+        print(f"\n{heading} after {cfg.run.steps} steps (losses: mean of the last "
               f"{len(tail)} steps):")
         print(weights_table(names, initial, final, last))
         print(f"\nrun directory: {ctx.out_dir}  (weights.json, metrics.jsonl, pi.csv, pi.png, config.yaml)")
