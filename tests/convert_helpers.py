@@ -19,7 +19,7 @@ BATCH = 2
 # the toy configs' vocabularies are not a multiple of 128: the backend pads them (and TP2 cuts inside
 # the padding); the tokenizers have fewer pieces than that
 BPE_VOCAB = 240
-FAMILIES = ("qwen2", "llama", "mistral", "gpt2", "gemma2")
+FAMILIES = ("qwen2", "llama", "mistral", "gpt2", "gemma2", "gpt_neox")
 
 
 def hf_config(family: str, **over):
