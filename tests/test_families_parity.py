@@ -180,12 +180,15 @@ def test_yi_uploads_with_ln1_ln2_convert_and_come_back_as_llama(tmp_path):
 
 
 def test_gpt_neox_with_the_sequential_residual_converts_and_matches(tmp_path):
-    """use_parallel_residual false: transformers' sequential branch is megatron's standard layer."""
+    """use_parallel_residual false: transformers' sequential branch is megatron's standard layer; with
+    Pythia's erf GELU, half the head rotated and linear rope scaling of the rotated part."""
     hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
-    ch.build_hf("gpt_neox", hf_dir, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu")
+    ch.build_hf("gpt_neox", hf_dir, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu",
+                rope_scaling={"rope_type": "linear", "factor": 4.0})
     hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
     model = ck.read_model_config(ckpt)
-    assert (model.parallel_residual, model.rotary_percent, model.activation) == (False, 0.5, "gelu")
+    assert (model.parallel_residual, model.rotary_percent, model.activation, model.rope_scaling_type,
+            model.rope_scaling_factor) == (False, 0.5, "gelu", "linear", 4.0)
     data = ch.data_yaml(tmp_path)
     assert ch.tp1_logit_error(hf_dir, ckpt, data, tmp_path / "run") < TOL
     parallel = _edit_model_yaml(ckpt, tmp_path / "parallel", "parallel_residual: false", "parallel_residual: true")

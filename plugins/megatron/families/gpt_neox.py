@@ -44,8 +44,8 @@ class GPTNeoX(Family):
             raise CheckpointError(f"{where}: attention_bias=False is not supported for gpt_neox (its MLP has biases; "
                                   f"megatron-core has biases on all linear layers or on none)")
         if cfg.get("tie_word_embeddings"):
-            raise CheckpointError(f"{where}: tie_word_embeddings=True is not supported for gpt_neox (transformers "
-                                  f"5 saves embed_out separately)")
+            raise CheckpointError(f"{where}: tie_word_embeddings=True is not supported for gpt_neox (a head tied "
+                                  f"to embed_in is not implemented; GPT-NeoX and Pythia untie it)")
         h, heads = need(cfg, "hidden_size", where), need(cfg, "num_attention_heads", where)
         out = dict(
             family="gpt_neox", num_layers=need(cfg, "num_hidden_layers", where), hidden_size=h,
