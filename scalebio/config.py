@@ -87,10 +87,14 @@ def _absolute_path(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+# keys whose values are paths (a data YAML's cache_dir too: else it lands wherever the command runs)
+PATH_KEYS = ("path", "cache_dir")
+
+
 def _absolutize_paths(data, base: Path):
-    """Resolve relative ``path`` values in a YAML file against the file's own directory."""
-    if isinstance(data, dict):
-        return {k: (_absolute_path(v, base) if k == "path" and isinstance(v, str)
+    """Resolve relative path values (:data:`PATH_KEYS`) in a YAML file against the file's own directory."""
+    if isinstance(data, dict):  # an empty cache_dir stays empty: the default cache
+        return {k: (_absolute_path(v, base) if k in PATH_KEYS and isinstance(v, str) and (v or k == "path")
                     else _absolutize_paths(v, base)) for k, v in data.items()}
     if isinstance(data, list):
         return [_absolutize_paths(v, base) for v in data]
@@ -204,6 +208,9 @@ def _coerce(tp, value, path: tuple, where: Callable) -> Any:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
+        given = [a for a in args if a is not type(None)]
+        if len(given) == 1:  # Optional[X]: X's own error names the key inside it (data.tokenizer.type)
+            return _coerce(given[0], value, path, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -750,11 +757,14 @@ def available_models() -> list:
 def find_model(name: str) -> Path:
     """A path to a model YAML, or the name of one in model_configs/."""
     p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        if not p.is_file():
-            raise ConfigError(f"--model {name}: a directory, not a model YAML file")
-        return p
     candidate = model_configs_dir() / f"{name}.yaml"
+    if p.is_dir() and not candidate.exists():  # often a converted checkpoint, which --load takes
+        if (p / "model.yaml").is_file():
+            raise ConfigError(f"--model {name}: a checkpoint directory; start from it with --load {name} (its "
+                              f"model.yaml is then the model)")
+        raise ConfigError(f"--model {name}: a directory, not a model YAML file")
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
     if candidate.exists():
         return candidate
     if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:  # meant as a path

@@ -34,7 +34,20 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from . import fail, guarded
+
+    for flag in ("batch", "micro_batch", "seq", "gamma", "repeats", "block"):
+        if getattr(args, flag) < 1:  # before the model is built: a flag, not the --set it becomes, is named
+            return fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.batch % args.micro_batch:
+        return fail(f"--batch {args.batch} is not a multiple of --micro-batch {args.micro_batch}")
+    return guarded(lambda: _bench(args))
+
+
+def _bench(args) -> None:
     import torch
+
+    from scalebio.config import ConfigError
 
     from scalebio.runner import RunRequest, open_run, prepare
     from scalebio_plugins.minimax import loss_coefficients
@@ -47,6 +60,9 @@ def main(args) -> int:
         with open_run(prepare(req), verbose=False) as (ctx, data):
             backend, solver, cfg = ctx.backend, ctx.solver, ctx.config
             k = len(ctx.source_names)
+            if args.gamma > backend.num_layers:  # a LISA set of every layer would price nothing
+                raise ConfigError(f"--gamma {args.gamma} exceeds the model's {backend.num_layers} layers; give at "
+                                  f"most {backend.num_layers}")
             layers = frozenset(range(backend.num_layers))
             for m in ("u", "w"):
                 backend.set_trainable(m, layers, keep_state=False)
@@ -99,4 +115,3 @@ def main(args) -> int:
     print(f"{'optimizer state bytes':34} {full['optimizer']:>12,} {lisa['optimizer']:>12,} "
           f"{lisa['optimizer'] / full['optimizer']:>8.3f}")
     print(f"{'trainable-state bytes (sum)':34} {total:>12,} {total_lisa:>12,} {total_lisa / total:>8.3f}")
-    return 0
