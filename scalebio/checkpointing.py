@@ -91,12 +91,21 @@ def scan(run_dir) -> tuple:
     return complete, ignored
 
 
+def not_a_run_directory(run_dir: Path) -> str:
+    """Why ``--resume run_dir`` is refused: a missing path and a file are said as such."""
+    if not run_dir.exists():
+        return f"--resume {run_dir}: the path does not exist (give the run directory of the run to continue)"
+    if not run_dir.is_dir():
+        return f"--resume {run_dir}: the path is a file, not a run directory"
+    return f"--resume {run_dir}: not a run directory (no config.yaml there)"
+
+
 def latest_checkpoint(run_dir, say=print) -> tuple:
     """``(step, path)`` of the latest complete checkpoint of a run directory; every incomplete one
     is named in a message. An error when there is none."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+        raise CheckpointError(not_a_run_directory(run_dir))
     complete, ignored = scan(run_dir)
     for path, why in ignored:
         say(f"ignoring {path}: {why}")

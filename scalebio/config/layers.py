@@ -77,10 +77,14 @@ def _absolute_path(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+# keys whose values are paths (a data YAML's cache_dir too: else it lands wherever the command runs)
+PATH_KEYS = ("path", "cache_dir")
+
+
 def _absolutize_paths(data, base: Path):
-    """Resolve relative ``path`` values in a YAML file against the file's own directory."""
-    if isinstance(data, dict):
-        return {k: (_absolute_path(v, base) if k == "path" and isinstance(v, str)
+    """Resolve relative path values (:data:`PATH_KEYS`) in a YAML file against the file's own directory."""
+    if isinstance(data, dict):  # an empty cache_dir stays empty: the default cache
+        return {k: (_absolute_path(v, base) if k in PATH_KEYS and isinstance(v, str) and (v or k == "path")
                     else _absolutize_paths(v, base)) for k, v in data.items()}
     if isinstance(data, list):
         return [_absolutize_paths(v, base) for v in data]
@@ -194,6 +198,9 @@ def _coerce(tp, value, path: tuple, where: Callable) -> Any:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
+        given = [a for a in args if a is not type(None)]
+        if len(given) == 1:  # Optional[X]: X's own error names the key inside it (data.tokenizer.type)
+            return _coerce(given[0], value, path, where)
         for arg in args:
             if arg is type(None):
                 continue

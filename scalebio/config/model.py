@@ -124,11 +124,14 @@ def available_models() -> list:
 def find_model(name: str) -> Path:
     """A path to a model YAML, or the name of one in model_configs/."""
     p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        if not p.is_file():
-            raise ConfigError(f"--model {name}: a directory, not a model YAML file")
-        return p
     candidate = model_configs_dir() / f"{name}.yaml"
+    if p.is_dir() and not candidate.exists():  # often a converted checkpoint, which --load takes
+        if (p / "model.yaml").is_file():
+            raise ConfigError(f"--model {name}: a checkpoint directory; start from it with --load {name} (its "
+                              f"model.yaml is then the model)")
+        raise ConfigError(f"--model {name}: a directory, not a model YAML file")
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
     if candidate.exists():
         return candidate
     if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:  # meant as a path
