@@ -180,6 +180,10 @@ class Role:
 class Weights(Role):
     """Source weights pi on the simplex, and the update of their parameters."""
 
+    #: whether ``update`` changes pi (False for weights given by the user, e.g. ``fixed``); the run's
+    #: final table says "learned" only when it does
+    learns: bool = True
+
     def __init__(self, options, source_names: list):
         self.options = options
         self.source_names = list(source_names)
