@@ -351,6 +351,10 @@ class RunOptions:
     load: Optional[str] = None  # a scalebio checkpoint directory (tools/convert.py); u and w start from it
     save_every: int = 0  # a resumable checkpoint every N steps and at the end; 0 = only when stopped by a signal
     keep_checkpoints: int = 2  # the latest K resumable checkpoints are kept
+    # a NaN or inf loss or gradient norm: stop (exit code 3), or skip the step's updates; skips past
+    # max_skips in a row stop the run as well (docs/configuration.md)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = 3
 
     def validate(self):
         for name in ("steps", "global_batch", "micro_batch", "val_batch", "log_every", "keep_checkpoints"):
@@ -361,6 +365,9 @@ class RunOptions:
         if self.save_every < 0:
             raise ConfigError(f"run.save_every must be >= 0 (0: no periodic checkpoints), got {self.save_every}",
                               keys=("save_every",))
+        if self.max_skips < 1:
+            raise ConfigError(f"run.max_skips must be at least 1 (consecutive non-finite steps run.on_nonfinite=skip "
+                              f"skips before it stops), got {self.max_skips}", keys=("max_skips",))
         check_out_template(self.out)
 
 
