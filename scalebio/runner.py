@@ -16,7 +16,8 @@ from typing import Optional
 
 from . import __version__
 from .checkpointing import (CHECKPOINTS, CheckpointError, Preempted, ResumePoint, StopSignals, config_differences,
-                            latest_checkpoint, read_common, remove_stale, restore, resume_command, save_checkpoint)
+                            latest_checkpoint, not_a_run_directory, read_common, remove_stale, restore,
+                            resume_command, save_checkpoint)
 from .config import CORE_SECTIONS, ConfigError, Layers, RunConfig, find_model, load_yaml, parse_layers, to_dict
 from .data import DataError, RunData
 from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
@@ -119,7 +120,7 @@ def resume_layers(req: RunRequest) -> Layers:
                           f"--set may change the parallel layout, and --plugins may name observers)")
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+        raise CheckpointError(not_a_run_directory(run_dir))
     saved = load_yaml(path)
     chosen = saved.get("plugins")
     if not isinstance(chosen, dict):

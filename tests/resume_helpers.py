@@ -3,7 +3,9 @@
 The module is also an observer plugin (entry point ``sigtest``): at the end of step
 ``$SCALEBIO_TEST_SIGNAL_AT`` it sends its own process SIGTERM (``$SCALEBIO_TEST_SIGNAL``), as a
 scheduler or torchrun would, so the run's real signal handling stops it; with
-``$SCALEBIO_TEST_SIGNAL_RANK`` only that rank is signalled (a signal that reached one rank).
+``$SCALEBIO_TEST_SIGNAL_RANK`` only that rank is signalled (a signal that reached one rank). After
+the checkpoint of step ``$SCALEBIO_TEST_FILL_AFTER`` it grows the file ``$SCALEBIO_TEST_FILL`` until
+its file system is full but for ``$SCALEBIO_TEST_FILL_ROOM`` bytes (the disk fills up during a run).
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ def scalebio_step_end(run, step, metrics):
     only = os.environ.get("SCALEBIO_TEST_SIGNAL_RANK")
     if at is not None and step == int(at) and (only is None or only == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), getattr(signal, os.environ.get("SCALEBIO_TEST_SIGNAL", "SIGTERM")))
+
+
+@hookimpl
+def scalebio_checkpoint_saved(run, step, path):
+    if os.environ.get("SCALEBIO_TEST_FILL_AFTER") == str(step):
+        filler = Path(os.environ["SCALEBIO_TEST_FILL"])
+        with open(filler, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, filler.stat().st_size - int(os.environ.get("SCALEBIO_TEST_FILL_ROOM", "0")))
 
 
 def plugins(*requested):
