@@ -189,14 +189,25 @@ def _set_rank_state(backend, state: dict) -> None:
     backend.load_state_dict(state["backend"])
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, where: Path) -> str:
     """A one-line reason from an OSError or torch.distributed.checkpoint's CheckpointException."""
     failures = getattr(exc, "failures", None)
     if failures:
         exc = next(iter(failures.values()))[0]
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    # torch.save's zip writer reports a full disk as "RuntimeError: [enforce fail at
+    # inline_container.cc] unexpected pos": name the cause when the file system is (nearly) full
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < _NEARLY_FULL:
+        return f"No space left on device ({free} bytes free in {where}; torch said {type(exc).__name__}: {exc})"
     return f"{type(exc).__name__}: {exc}"
+
+
+_NEARLY_FULL = 16 << 20  # bytes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -247,13 +258,13 @@ def save_checkpoint(ctx, data, step: int, resolved: dict, reason: str, keep: int
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         except failures as exc:
-            error = _error_text(exc)
+            error = _error_text(exc, root)
     agree(error)
     error = None
     try:
         backend.save_state(tmp)
     except failures as exc:
-        error = _error_text(exc)
+        error = _error_text(exc, root)
     ranks = backend.all_gather_object(_rank_state(backend))
     if main and error is None:
         common = {"format": FORMAT, "version": VERSION, "step": step, "config": resolved,
@@ -278,7 +289,7 @@ def save_checkpoint(ctx, data, step: int, resolved: dict, reason: str, keep: int
             _fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
         except failures as exc:
-            error = _error_text(exc)
+            error = _error_text(exc, root)
     agree(error)
     if main:
         complete, _ = scan(ctx.out_dir)

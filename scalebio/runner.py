@@ -24,7 +24,7 @@ from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels
                       weights_table)
 from .plugins import Plugins
 from .recipes import resolve as resolve_recipe
-from .roles import MODELS, RunContext, options_dict
+from .roles import MODELS, NonFiniteError, RunContext, options_dict
 from .tokenizer import load_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -142,7 +142,8 @@ def check_resume(req: RunRequest, p: Prepared, say=print) -> ResumePoint:
     common = read_common(path)
     backend = p.classes["backend"]
     # observers do not change the numbers; the layout changes them only by rounding
-    allowed = {("run", "steps"), ("plugins", "observers")} | {(backend.plugin_name, key)
+    # nor does what to do at a non-finite step, until one happens (resuming a stopped run with skip)
+    allowed = {("run", "steps"), ("plugins", "observers"), ("run", "on_nonfinite"), ("run", "max_skips")} | {(backend.plugin_name, key)
                                                               for key in backend.layout_options}
     now, saved = resolved_config(p), common["config"]
     names = sorted({v for k, v in now["plugins"].items() if k != "observers"}
@@ -313,6 +314,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
     cfg, backend, names = ctx.config, ctx.backend, ctx.source_names
     main = ctx.is_main
     records = list(records or [])
+    skips = _trailing_skips(records)  # consecutive skipped steps, counted across a resume
+    records = [r for r in records if "skipped" not in r]
     initial = [records[0]["pi"][n] for n in names] if records else ctx.weights.probs().tolist()
     every, keep = cfg.run.save_every, cfg.run.keep_checkpoints
     saved = start if ctx.resume_from is not None else None  # the step of the latest checkpoint on disk
@@ -334,20 +337,31 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
                     for m in ctx.solver.models:
                         backend.set_trainable(m, selection.layers[m], selection.keep_state)
                 pi = ctx.weights.probs().tolist()
-                metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch),
-                                          data.next_val(cfg.run.val_batch))
-                record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
-                record.update(step_resources(ctx, record["time_s"]))
-                if changed:
-                    record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
-                records.append(record)
-                writer.step(record)
-                ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(val_loss=f"{record['val_loss']:.3f}")
-                if main and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
-                    log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
+                try:
+                    metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch),
+                                              data.next_val(cfg.run.val_batch))
+                except NonFiniteError as exc:  # raised before any update: nothing to undo
+                    skips = _nonfinite(cfg.run, exc, step, skips)
+                    writer.step({"step": step, "pi": dict(zip(names, pi)), "skipped": str(exc),
+                                 "skipped_in_a_row": skips, "time_s": time.perf_counter() - t0})
+                    if main:
+                        log(f"{step:>6} skipped ({skips} in a row, run.max_skips={cfg.run.max_skips}): {exc}")
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    skips = 0
+                    record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
+                    record.update(step_resources(ctx, record["time_s"]))
+                    if changed:
+                        record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
+                    records.append(record)
+                    writer.step(record)
+                    ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(val_loss=f"{record['val_loss']:.3f}")
+                    if main and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
+                        log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
                 done = step + 1
                 if every and (done % every == 0 or done == cfg.run.steps):  # periodic, and the final one
                     save_checkpoint(ctx, data, done, resolved, "final" if done == cfg.run.steps else "periodic", keep)
@@ -378,7 +392,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
         if test is not None:
             print(f"\ntest set: token-mean loss of w {test['loss']:.4f} (perplexity {test['perplexity']:.2f}) "
                   f"over {test['tokens']} tokens")
-        print(f"\nLearned source weights after {cfg.run.steps} steps (losses: mean of the last "
+        heading = "Learned source weights" if ctx.weights.learns else "Source weights (fixed, not learned)"
+        print(f"\n{heading} after {cfg.run.steps} steps (losses: mean of the last "
               f"{len(tail)} steps):")
         print(weights_table(names, initial, final, last))
         print(f"\nrun directory: {ctx.out_dir}  (weights.json, metrics.jsonl, pi.csv, pi.png, config.yaml)")
@@ -405,6 +420,27 @@ def _stop(ctx, data, writer, resolved, records, done: int, save: bool, signum: i
     raise Preempted(f"stopped by {name} after {done} of {cfg.run.steps} steps; checkpoint {path}. weights.json, pi.csv "
                     f"and pi.png in {ctx.out_dir} hold the steps done (partial.json marks them partial). Resume "
                     f"with: {command}")
+
+
+def _trailing_skips(records: list) -> int:
+    n = 0
+    for r in reversed(records):
+        if "skipped" not in r:
+            break
+        n += 1
+    return n
+
+
+def _nonfinite(run, exc: NonFiniteError, step: int, skips: int) -> int:
+    """A non-finite step (the solver changed nothing): the new count of skips in a row, or the error
+    that stops the run (run.on_nonfinite=stop, or a skip past run.max_skips in a row). Every rank
+    decides alike: the checked values are global."""
+    if run.on_nonfinite == "stop":
+        raise exc
+    if skips >= run.max_skips:
+        raise NonFiniteError(f"{exc}. The {skips} steps before it were skipped as well (run.max_skips="
+                             f"{run.max_skips}): the run stops", exc.step, exc.model, exc.quantity) from exc
+    return skips + 1
 
 
 def _mean(values):

@@ -153,11 +153,12 @@ def load_state(backend, path: Path) -> None:
         except (CheckpointingException, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read checkpoint {folder}: {exc}") from None
         entries = _entries(backend, replica)
-        holds = replica.view() if replica.optimizer is not None else ()
         sd, plan = {}, []
         for e in entries:
             kinds = ["weight"] + (["master"] if e.p.dtype != torch.float32 else [])
-            trains = e.p in holds
+            # not "held by this rank's optimizer": a distributed optimizer holds only its shards, and
+            # a rank may own none of a small parameter
+            trains = replica.optimizer is not None and e.p.requires_grad
             has_moments = f"{e.name}/exp_avg" in stored
             if has_moments and not trains:
                 raise CheckpointError(f"checkpoint {folder} holds Adam moments of {e.name}, which does not train at this "
