@@ -375,6 +375,11 @@ def test_a_full_disk_is_refused_up_front_and_mid_run_leaves_no_temporary_file(tm
         assert main(["export", "--weights", str(_weights(tmp_path)), "--data", str(data), "--size", "5",
                      "--out", str(full / "mix.jsonl")]) == 2
         assert "is full" in capsys.readouterr().err
+        (tmp_path / "ckpt").mkdir()  # eval checks --output before it opens the checkpoint
+        assert main(["eval", "--load", str(tmp_path / "ckpt"), "--data", str(data),
+                     "--output", str(full / "scores.json")]) == 2
+        err = capsys.readouterr().err
+        assert "--output" in err and "is full" in err and "Traceback" not in err
         # the disk fills up during a run: each write fails with a message, leaving no temporary file
         os.truncate(full / "filler", (full / "filler").stat().st_size - (256 << 10))  # room for the run to start
         writer = RunWriter(full / "run", ["a"])
