@@ -26,7 +26,7 @@ import torch
 
 from scalebio import hookimpl
 from scalebio.config import ConfigError
-from scalebio.roles import NonFiniteError, Solver, Weights
+from scalebio.roles import NonFiniteError, Solver, Weights, check_finite
 from scalebio.schedule import lr_factor
 
 
@@ -159,8 +159,6 @@ class Doremi(Solver):
         scale = lr_factor(step - start, end - start, opt.warmup, opt.schedule, opt.min_lr_ratio)
         lr = (opt.lr_u_value if model == "u" else opt.lr_w_value) * scale
         out = self.run.backend.optimizer_step(model, lr, opt.clip_grad)
-        if not math.isfinite(out["grad_norm"]):
-            raise NonFiniteError(f"step {step}: non-finite gradient norm of {model}; lower the learning rate")
         return {f"lr_{model}": lr, "lr_scale": scale, f"grad_norm_{model}": out["grad_norm"]}
 
     def step(self, step: int, batch, val_batch) -> dict:
@@ -171,19 +169,30 @@ class Doremi(Solver):
         count = {n: int(counts[i]) for i, n in enumerate(names)}
         if step < self.reference_steps:  # the reference: uniform domain weights
             res = backend.forward_backward("u", batch, present_coefficients(torch.full((k,), 1.0 / k), counts))
-            _check(step, res.mean(), counts)
+            _check(step, "u", names, res.mean(), counts, backend.grad_norm("u"))
             out = self._optimizer_step("u", step, 0, self.reference_steps)
             return {"phase": "reference", "loss_u": named(res.mean()), "count": count,
                     "val_loss": self._val_loss("u", step, val_batch), **out}
         sources, mask = token_sources(batch), batch.loss_mask
         reference = backend.token_losses("u", batch)
         proxy = backend.token_losses("w", batch)
+        # every value is checked before it changes any state (a NonFiniteError leaves u, w, alpha
+        # and the kept excess losses as they were): the token losses first, then w's pass, which
+        # needs this step's alpha, so alpha's update is undone if that pass is non-finite
         lam, tokens = excess_loss(proxy, reference, sources, mask, k)
-        self.excess = torch.where(tokens > 0, lam, self.excess)
-        run.weights.update(-self.excess, 1.0)  # eta is constant in Algorithm 1: no schedule
+        for model, losses in (("u", reference), ("w", proxy)):
+            _check(step, model, names, domain_token_mean(losses, sources, mask, k), tokens)
+        excess = torch.where(tokens > 0, lam, self.excess)
+        before = run.weights.state_dict()
+        run.weights.update(-excess, 1.0)  # eta is constant in Algorithm 1: no schedule
         alpha = run.weights.probs()
         res = backend.forward_backward("w", batch, present_coefficients(alpha, counts))
-        _check(step, res.mean(), counts)
+        try:
+            _check(step, "w", names, res.mean(), counts, backend.grad_norm("w"))
+        except NonFiniteError:
+            run.weights.load_state_dict(before)
+            raise
+        self.excess = excess
         out = self._optimizer_step("w", step, self.reference_steps, run.config.run.steps)
         return {"phase": "proxy", "loss_w": named(res.mean()), "loss_ref": named(domain_token_mean(reference, sources,
                                                                                               mask, k)),
@@ -197,10 +206,14 @@ class Doremi(Solver):
         self.excess = state["excess"].clone().to(torch.float64)
 
 
-def _check(step: int, mean: torch.Tensor, counts: torch.Tensor) -> None:
-    present = mean[counts > 0]
-    if not torch.isfinite(present).all():
-        raise NonFiniteError(f"step {step}: non-finite loss; lower the learning rate or check the data")
+def _check(step: int, model: str, names, mean: torch.Tensor, counts: torch.Tensor,
+           grad_norm: float | None = None) -> None:
+    """The loss of every source present in the batch (``counts`` > 0; an absent one's NaN is no
+    divergence), then the gradient norm, must be finite."""
+    values = {f"loss of source {n}": float(mean[i]) for i, n in enumerate(names) if counts[i] > 0}
+    if grad_norm is not None:
+        values["gradient norm"] = grad_norm
+    check_finite(step, model, values, "lower the learning rate or check the data")
 
 
 def _num(x) -> float | None:

@@ -30,6 +30,7 @@ class FixedOptions:
 
 class Fixed(Weights):
     Options = FixedOptions
+    learns = False
 
     def __init__(self, options: FixedOptions, source_names):
         super().__init__(options, source_names)

@@ -24,7 +24,7 @@ import torch
 
 from scalebio import hookimpl
 from scalebio.config import ConfigError
-from scalebio.roles import NonFiniteError, Solver
+from scalebio.roles import Solver, check_finite
 from scalebio.schedule import lr_factor
 
 
@@ -100,15 +100,24 @@ class Minimax(Solver):
         if val_tokens == 0:
             raise ValueError("the validation batch has no supervised tokens")
 
+        # Both passes are taken at (u_t, w_t): nothing is updated before everything the step uses
+        # has been checked (a NonFiniteError leaves u, w, their optimizers, lambda and this
+        # solver's accumulator as they were: the run stops or skips the step, run.on_nonfinite).
         # 1. u: L2(u, pi)
         res_u = backend.forward_backward("u", batch, coef)
-        step_u = backend.optimizer_step("u", opt.lr_u_value * scale, opt.clip_grad)
-        # 2. w: L1(w) / alpha + L2(w, pi)
+        mean_u = res_u.mean()  # NaN for a source absent from B: masked below, never a number
+        check_finite(step, "u", {**_source_losses(run.source_names, mean_u, present),
+                                 "gradient norm": backend.grad_norm("u")})
+        # 2. w: L1(w) / alpha + L2(w, pi), the gradient of F_alpha / alpha
         res_w = backend.forward_backward("w", batch, coef, val_batch, 1.0 / (alpha * val_tokens))
+        mean_w = res_w.mean()
+        check_finite(step, "w", {**_source_losses(run.source_names, mean_w, present),
+                                 "validation loss": res_w.val_loss, "gradient norm": backend.grad_norm("w")})
+        # 3. the updates: u, w, then lambda in closed form from the same passes (no extra forward)
+        step_u = backend.optimizer_step("u", opt.lr_u_value * scale, opt.clip_grad)
         step_w = backend.optimizer_step("w", opt.lr_w_value * scale, opt.clip_grad / alpha)
-        # 3. lambda: closed form from the same passes, no extra forward
-        mean_u, mean_w = res_u.mean(), res_w.mean()
-        delta = torch.nan_to_num(mean_w - mean_u, nan=0.0)
+        zero = torch.zeros_like(mean_u)
+        delta = torch.where(present, mean_w - mean_u, zero)  # 0 for an absent source (Delta_k, SPEC §2)
         grad_pi = pi_gradient(pi, delta, present, alpha, self.options.renormalize_present)
         self._grad_sum = grad_pi if self._grad_sum is None else self._grad_sum + grad_pi
         self._grad_steps += 1
@@ -118,13 +127,8 @@ class Minimax(Solver):
             self._grad_sum, self._grad_steps = None, 0
             updated = True
 
-        l2_u = float((pi_eff * torch.nan_to_num(mean_u)).sum())
-        l2_w = float((pi_eff * torch.nan_to_num(mean_w)).sum())
-        checks = {"L2(u)": l2_u, "L2(w)": l2_w, "L1(w)": res_w.val_loss,
-                  "grad_norm_u": step_u["grad_norm"], "grad_norm_w": step_w["grad_norm"]}
-        bad = {n: v for n, v in checks.items() if not math.isfinite(v)}
-        if bad:
-            raise NonFiniteError(f"step {step}: non-finite {bad}; lower the learning rates or check the data")
+        l2_u = float((pi_eff * torch.where(present, mean_u, zero)).sum())
+        l2_w = float((pi_eff * torch.where(present, mean_w, zero)).sum())
         names = run.source_names
         return {
             "loss_u": {n: _num(mean_u[i]) for i, n in enumerate(names)},
@@ -140,7 +144,9 @@ class Minimax(Solver):
             "lr_scale": scale,
             "lambda_updated": updated,
             "grad_norm_u": step_u["grad_norm"],
-            "grad_norm_w": step_w["grad_norm"],
+            # w's pass has the gradient of F_alpha / alpha: times alpha, the norm of the gradient of
+            # the unscaled objective L1 + alpha * L2, the quantity clip_grad applies to
+            "grad_norm_w": alpha * step_w["grad_norm"],
         }
 
     def state_dict(self) -> dict:
@@ -148,6 +154,11 @@ class Minimax(Solver):
 
     def load_state_dict(self, state: dict) -> None:
         self._grad_sum, self._grad_steps = state["grad_sum"], int(state["grad_steps"])
+
+
+def _source_losses(names, mean: torch.Tensor, present: torch.Tensor) -> dict:
+    """The mean loss of each source present in the batch, for the finiteness check."""
+    return {f"loss of source {n}": float(mean[i]) for i, n in enumerate(names) if bool(present[i])}
 
 
 def _num(x) -> float | None:

@@ -22,7 +22,7 @@ import torch
 
 from scalebio import hookimpl
 from scalebio.config import ConfigError
-from scalebio.roles import NonFiniteError, Solver
+from scalebio.roles import Solver, check_finite
 from scalebio.schedule import lr_factor
 
 
@@ -80,13 +80,10 @@ class Train(Solver):
         # rows already follow pi: every sample weighs 1/n, whatever its source
         res = backend.forward_backward("w", batch, torch.full((len(names),), 1.0 / n, dtype=torch.float64))
         train_loss = float(res.loss_sum.sum()) / n
-        if not math.isfinite(train_loss):
-            raise NonFiniteError(f"step {step}: non-finite training loss {train_loss}; lower the learning rate "
-                                 f"or check the data")
+        # checked before the update: a NonFiniteError leaves w and its optimizer as they were
+        check_finite(step, "w", {"training loss": train_loss, "gradient norm": backend.grad_norm("w")})
         lr = opt.lr_w_value * scale
         stepped = backend.optimizer_step("w", lr, opt.clip_grad)
-        if not math.isfinite(stepped["grad_norm"]):
-            raise NonFiniteError(f"step {step}: non-finite gradient norm; lower the learning rate or check the data")
         val_loss = float("nan")
         if val_batch is not None and val_due(step, cfg.run.steps, self.options.val_every):
             val_loss = backend.evaluate("w", val_batch).val_loss

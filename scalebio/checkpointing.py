@@ -91,12 +91,21 @@ def scan(run_dir) -> tuple:
     return complete, ignored
 
 
+def not_a_run_directory(run_dir: Path) -> str:
+    """Why ``--resume run_dir`` is refused: a missing path and a file are said as such."""
+    if not run_dir.exists():
+        return f"--resume {run_dir}: the path does not exist (give the run directory of the run to continue)"
+    if not run_dir.is_dir():
+        return f"--resume {run_dir}: the path is a file, not a run directory"
+    return f"--resume {run_dir}: not a run directory (no config.yaml there)"
+
+
 def latest_checkpoint(run_dir, say=print) -> tuple:
     """``(step, path)`` of the latest complete checkpoint of a run directory; every incomplete one
     is named in a message. An error when there is none."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+        raise CheckpointError(not_a_run_directory(run_dir))
     complete, ignored = scan(run_dir)
     for path, why in ignored:
         say(f"ignoring {path}: {why}")
@@ -180,14 +189,25 @@ def _set_rank_state(backend, state: dict) -> None:
     backend.load_state_dict(state["backend"])
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, where: Path) -> str:
     """A one-line reason from an OSError or torch.distributed.checkpoint's CheckpointException."""
     failures = getattr(exc, "failures", None)
     if failures:
         exc = next(iter(failures.values()))[0]
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    # torch.save's zip writer reports a full disk as "RuntimeError: [enforce fail at
+    # inline_container.cc] unexpected pos": name the cause when the file system is (nearly) full
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < _NEARLY_FULL:
+        return f"No space left on device ({free} bytes free in {where}; torch said {type(exc).__name__}: {exc})"
     return f"{type(exc).__name__}: {exc}"
+
+
+_NEARLY_FULL = 16 << 20  # bytes
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,13 +258,13 @@ def save_checkpoint(ctx, data, step: int, resolved: dict, reason: str, keep: int
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         except failures as exc:
-            error = _error_text(exc)
+            error = _error_text(exc, root)
     agree(error)
     error = None
     try:
         backend.save_state(tmp)
     except failures as exc:
-        error = _error_text(exc)
+        error = _error_text(exc, root)
     ranks = backend.all_gather_object(_rank_state(backend))
     if main and error is None:
         common = {"format": FORMAT, "version": VERSION, "step": step, "config": resolved,
@@ -269,7 +289,7 @@ def save_checkpoint(ctx, data, step: int, resolved: dict, reason: str, keep: int
             _fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
         except failures as exc:
-            error = _error_text(exc)
+            error = _error_text(exc, root)
     agree(error)
     if main:
         complete, _ = scan(ctx.out_dir)

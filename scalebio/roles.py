@@ -11,6 +11,7 @@ docs/plugins.md says the same. :mod:`scalebio.testing` checks a plugin against i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -21,7 +22,26 @@ MODELS = ("u", "w")  # the two model copies of the minimax problem (SPEC §2)
 
 
 class NonFiniteError(RuntimeError):
-    """A loss or gradient norm became NaN or inf; the run stops (exit code 3) before writing bad weights."""
+    """A loss or gradient norm became NaN or inf. A solver raises it before it changes any state
+    (weights, optimizer states, the weights plugin, its own accumulators), so the run can stop
+    (exit code 3) or skip the step (``run.on_nonfinite``) with nothing half-updated.
+    ``step``, ``model`` and ``quantity`` say where (None where the raiser did not say)."""
+
+    def __init__(self, message: str, step: Optional[int] = None, model: Optional[str] = None,
+                 quantity: Optional[str] = None):
+        super().__init__(message)
+        self.step, self.model, self.quantity = step, model, quantity
+
+
+def check_finite(step: int, model: str, quantities: Mapping[str, float],
+                 hint: str = "lower the learning rates or check the data") -> None:
+    """Raise :class:`NonFiniteError` for the first of ``quantities`` (name -> value of ``model``
+    at ``step``) that is NaN or inf, naming the step, the model and the quantity."""
+    for name, value in quantities.items():
+        value = float(value)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"step {step}: {name} of model {model} is {value}; {hint}",
+                                 step=step, model=model, quantity=name)
 
 
 @dataclass
@@ -160,6 +180,10 @@ class Role:
 class Weights(Role):
     """Source weights pi on the simplex, and the update of their parameters."""
 
+    #: whether ``update`` changes pi (False for weights given by the user, e.g. ``fixed``); the run's
+    #: final table says "learned" only when it does
+    learns: bool = True
+
     def __init__(self, options, source_names: list):
         self.options = options
         self.source_names = list(source_names)
@@ -272,6 +296,12 @@ class Backend(Role):
         """Forward only: the cross-entropy of every target of ``batch`` under ``model``, float32
         ``[len(batch), seq_length]``, 0 where ``loss_mask`` is 0, on the CPU and identical on every
         rank (the DoReMi solver's per-token excess loss needs it)."""
+        raise NotImplementedError
+
+    def grad_norm(self, model: str) -> float:
+        """The norm (over every rank, before clipping) of the gradients the last ``forward_backward``
+        of ``model`` set, without changing anything: solvers check it before any optimizer step
+        (NaN or inf where the gradients are non-finite). ``optimizer_step`` returns the same value."""
         raise NotImplementedError
 
     def optimizer_step(self, model: str, lr: float, clip_grad: float) -> dict:

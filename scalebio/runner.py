@@ -16,14 +16,16 @@ from typing import Optional
 
 from . import __version__
 from .checkpointing import (CHECKPOINTS, CheckpointError, Preempted, ResumePoint, StopSignals, config_differences,
-                            latest_checkpoint, read_common, remove_stale, restore, resume_command, save_checkpoint)
+                            latest_checkpoint, not_a_run_directory, read_common, remove_stale, restore,
+                            resume_command, save_checkpoint)
 from .config import CORE_SECTIONS, ConfigError, Layers, RunConfig, find_model, load_yaml, parse_layers, to_dict
 from .data import DataError, RunData
 from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
                       weights_table)
+from .nonfinite import count_skip, trailing_skips
 from .plugins import Plugins
 from .recipes import resolve as resolve_recipe
-from .roles import MODELS, RunContext, options_dict
+from .roles import MODELS, NonFiniteError, RunContext, options_dict
 from .tokenizer import load_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -119,7 +121,7 @@ def resume_layers(req: RunRequest) -> Layers:
                           f"--set may change the parallel layout, and --plugins may name observers)")
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise CheckpointError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+        raise CheckpointError(not_a_run_directory(run_dir))
     saved = load_yaml(path)
     chosen = saved.get("plugins")
     if not isinstance(chosen, dict):
@@ -140,9 +142,10 @@ def check_resume(req: RunRequest, p: Prepared, say=print) -> ResumePoint:
     step, path = latest_checkpoint(run_dir, say)
     common = read_common(path)
     backend = p.classes["backend"]
-    # observers do not change the numbers; the layout changes them only by rounding
-    allowed = {("run", "steps"), ("plugins", "observers")} | {(backend.plugin_name, key)
-                                                              for key in backend.layout_options}
+    # observers do not change the numbers; the layout changes them only by rounding; what to do at
+    # a non-finite step changes nothing until one happens (a stopped run may go on with skip)
+    allowed = ({("run", "steps"), ("plugins", "observers"), ("run", "on_nonfinite"), ("run", "max_skips")}
+               | {(backend.plugin_name, key) for key in backend.layout_options})
     now, saved = resolved_config(p), common["config"]
     names = sorted({v for k, v in now["plugins"].items() if k != "observers"}
                    | {v for k, v in saved.get("plugins", {}).items() if k != "observers"})
@@ -312,6 +315,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
     cfg, backend, names = ctx.config, ctx.backend, ctx.source_names
     main = ctx.is_main
     records = list(records or [])
+    skips = trailing_skips(records)  # consecutive skipped steps, counted across a resume
+    records = [r for r in records if "skipped" not in r]
     initial = [records[0]["pi"][n] for n in names] if records else ctx.weights.probs().tolist()
     every, keep = cfg.run.save_every, cfg.run.keep_checkpoints
     saved = start if ctx.resume_from is not None else None  # the step of the latest checkpoint on disk
@@ -333,20 +338,31 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
                     for m in ctx.solver.models:
                         backend.set_trainable(m, selection.layers[m], selection.keep_state)
                 pi = ctx.weights.probs().tolist()
-                metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch),
-                                          data.next_val(cfg.run.val_batch))
-                record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
-                record.update(step_resources(ctx, record["time_s"]))
-                if changed:
-                    record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
-                records.append(record)
-                writer.step(record)
-                ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(val_loss=f"{record['val_loss']:.3f}")
-                if main and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
-                    log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
+                try:
+                    metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch),
+                                              data.next_val(cfg.run.val_batch))
+                except NonFiniteError as exc:  # raised before any update: nothing to undo
+                    skips = count_skip(cfg.run, exc, step, skips)
+                    writer.step({"step": step, "pi": dict(zip(names, pi)), "skipped": str(exc),
+                                 "skipped_in_a_row": skips, "time_s": time.perf_counter() - t0})
+                    if main:
+                        log(f"{step:>6} skipped ({skips} in a row, run.max_skips={cfg.run.max_skips}): {exc}")
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    skips = 0
+                    record = {"step": step, "pi": dict(zip(names, pi)), **metrics, "time_s": time.perf_counter() - t0}
+                    record.update(step_resources(ctx, record["time_s"]))
+                    if changed:
+                        record["trainable_layers"] = {m: sorted(selection.layers[m]) for m in ctx.solver.models}
+                    records.append(record)
+                    writer.step(record)
+                    ctx.hooks.scalebio_step_end(run=ctx, step=step, metrics=record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(val_loss=f"{record['val_loss']:.3f}")
+                    if main and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
+                        log(f"{step:>6} {record['val_loss']:>9.4f}  " + "  ".join(f"{p:>12.4f}" for p in pi))
                 done = step + 1
                 if every and (done % every == 0 or done == cfg.run.steps):  # periodic, and the final one
                     save_checkpoint(ctx, data, done, resolved, "final" if done == cfg.run.steps else "periodic", keep)
@@ -377,7 +393,8 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
         if test is not None:
             print(f"\ntest set: token-mean loss of w {test['loss']:.4f} (perplexity {test['perplexity']:.2f}) "
                   f"over {test['tokens']} tokens")
-        print(f"\nLearned source weights after {cfg.run.steps} steps (losses: mean of the last "
+        heading = "Learned source weights" if ctx.weights.learns else "Source weights (fixed, not learned)"
+        print(f"\n{heading} after {cfg.run.steps} steps (losses: mean of the last "
               f"{len(tail)} steps):")
         print(weights_table(names, initial, final, last))
         print(f"\nrun directory: {ctx.out_dir}  (weights.json, metrics.jsonl, pi.csv, pi.png, config.yaml)")

@@ -228,6 +228,12 @@ def check_backend(name: str, sets=()) -> None:
             _check(math.isfinite(once) and once > 0, f"{name}: the gradient norm must be positive and finite, got {once}")
             _check(_close(twice, once, 1e-5), f"{name}: forward_backward must replace the gradients: two calls gave "
                                               f"norm {twice}, one call {once}")
+            be.forward_backward("u", batch, coef)
+            first, second = be.grad_norm("u"), be.grad_norm("u")
+            stepped = float(be.optimizer_step("u", 0.0, 0.0)["grad_norm"])
+            _check(_close(first, once, 1e-6) and second == first and stepped == first,
+                   f"{name}: grad_norm must be the norm optimizer_step then returns, and change nothing: "
+                   f"{first}, again {second}, optimizer_step {stepped}, earlier {once}")
             doubled = _grad_norm(be, "u", batch, 2 * coef)
             _check(_close(doubled, 2 * once, 1e-4), f"{name}: doubling source_coef must double the gradient (the "
                                                     f"coefficients belong inside the pass): {doubled} vs 2 x {once}")

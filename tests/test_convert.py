@@ -390,15 +390,20 @@ def test_failure_while_writing_leaves_no_partial_directory(converted, tmp_path, 
 
 
 def test_existing_output_is_not_clobbered(converted, tmp_path):
+    """issue 11: --overwrite replaced any non-empty directory; now only an earlier conversion's output."""
     hf_dir, ckpt, _ = converted["gpt2"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ck.CheckpointError, match="exists and is not empty"):
         hf.hf_to_megatron(hf_dir, out, progress=False, log=lambda *a: None)
+    with pytest.raises(ck.CheckpointError, match=r"holds files a conversion does not write \(keep.txt\)"):
+        hf.hf_to_megatron(hf_dir, out, overwrite=True, progress=False, log=lambda *a: None)
     assert (out / "keep.txt").read_text() == "mine"
-    hf.hf_to_megatron(hf_dir, out, overwrite=True, progress=False, log=lambda *a: None)
-    assert not (out / "keep.txt").exists() and (out / ck.META_FILE).is_file()
+    (out / "keep.txt").unlink()
+    hf.hf_to_megatron(hf_dir, out, progress=False, log=lambda *a: None)  # an empty directory is fine
+    hf.hf_to_megatron(hf_dir, out, overwrite=True, progress=False, log=lambda *a: None)  # an earlier one too
+    assert (out / ck.META_FILE).is_file()
     _no_leftovers(tmp_path, "out.partial")
 
 

@@ -139,6 +139,55 @@ def test_masked_softmax_soft_caps_before_masking():
     assert probs[0, 0, 0, 1] == 0  # the future stays masked whatever its score
 
 
+# --------------------------------------------------------------------------- the shipped model configs
+
+# the architecture fields of the config.json files the Hub publishes for the model_configs/ entries
+HUB_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+             "tie_word_embeddings": False}
+HUB_GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
+          "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+          "final_logit_softcapping": 30.0, "max_position_embeddings": 8192, "rms_norm_eps": 1e-06,
+          "rope_theta": 10000.0, "vocab_size": 256000, "attention_bias": False}
+PUBLISHED_CONFIGS = {
+    "yi-34b": dict(HUB_LLAMA, hidden_size=7168, intermediate_size=20480, num_attention_heads=56, num_hidden_layers=60,
+                   num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=5000000.0,
+                   vocab_size=64000),
+    "yi-1.5-34b": dict(HUB_LLAMA, hidden_size=7168, intermediate_size=20480, num_attention_heads=56,
+                       num_hidden_layers=60, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-06,
+                       rope_theta=5000000.0, vocab_size=64000),
+    "llama-3-70b": dict(HUB_LLAMA, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                        num_hidden_layers=80, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-05,
+                        rope_theta=500000.0, vocab_size=128256),
+    "llama-3.1-70b": dict(HUB_LLAMA, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                          num_hidden_layers=80, num_key_value_heads=8, max_position_embeddings=131072,
+                          rms_norm_eps=1e-05, rope_theta=500000.0, vocab_size=128256,
+                          rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "gemma-2-2b": dict(HUB_GEMMA2, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+                       num_hidden_layers=26, num_key_value_heads=4),
+    "gemma-2-9b": dict(HUB_GEMMA2, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                       num_hidden_layers=42, num_key_value_heads=8),
+    "gemma-2-27b": dict(HUB_GEMMA2, hidden_size=4608, intermediate_size=36864, num_attention_heads=32,
+                        num_hidden_layers=46, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
+    "gpt-neox-20b": {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu_fast",
+                     "hidden_size": 6144, "intermediate_size": 24576, "num_attention_heads": 64,
+                     "num_hidden_layers": 44, "max_position_embeddings": 2048, "layer_norm_eps": 1e-05,
+                     "rotary_emb_base": 10000, "rotary_pct": 0.25, "use_parallel_residual": True,
+                     "tie_word_embeddings": False, "vocab_size": 50432},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_shipped_model_configs_are_what_the_published_config_json_derives(name):
+    """Each model_configs/ entry is the architecture its Hugging Face config.json converts to (the
+    parameter counts are checked against the published totals in tests/test_memory_planner.py)."""
+    from scalebio.config import load_model
+
+    named, _ = load_model(name)
+    assert not ck.arch_differences(named, hf.derive_model_config(PUBLISHED_CONFIGS[name], name))
+    assert named.hf_name and named.defaults["megatron"]["tp"] >= 1
+
+
 # --------------------------------------------------------------------------- the registry
 
 

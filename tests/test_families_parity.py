@@ -22,7 +22,7 @@ from scalebio_plugins.megatron import checkpoint as ck
 from scalebio_plugins.megatron import hf
 
 TOL = 1e-4
-NEW = ("gemma2",)
+NEW = ("gemma2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,8 @@ YAML_CONTROLS = [
     ("gemma2", "no (1 + w)", "layernorm_zero_centered_gamma: true", "layernorm_zero_centered_gamma: false"),
     ("gemma2", "no embedding multiplier", "embedding_multiplier: 8.0", "embedding_multiplier: null"),
     ("gemma2", "head-dim scale", "softmax_scale: 0.22360679774997896", "softmax_scale: null"),
+    ("gpt_neox", "sequential residual", "parallel_residual: true", "parallel_residual: false"),
+    ("gpt_neox", "full rotary", "rotary_percent: 0.25", "rotary_percent: 1.0"),
 ]
 
 
@@ -177,12 +179,56 @@ def test_yi_uploads_with_ln1_ln2_convert_and_come_back_as_llama(tmp_path):
     assert torch.equal(ch.hf_logits(back, toks), ch.hf_logits(llama_dir, toks))
 
 
+def test_gpt_neox_with_the_sequential_residual_converts_and_matches(tmp_path):
+    """use_parallel_residual false: transformers' sequential branch is megatron's standard layer; with
+    Pythia's erf GELU, half the head rotated and linear rope scaling of the rotated part."""
+    hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    ch.build_hf("gpt_neox", hf_dir, use_parallel_residual=False, rotary_pct=0.5, hidden_act="gelu",
+                rope_scaling={"rope_type": "linear", "factor": 4.0})
+    hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
+    model = ck.read_model_config(ckpt)
+    assert (model.parallel_residual, model.rotary_percent, model.activation, model.rope_scaling_type,
+            model.rope_scaling_factor) == (False, 0.5, "gelu", "linear", 4.0)
+    data = ch.data_yaml(tmp_path)
+    assert ch.tp1_logit_error(hf_dir, ckpt, data, tmp_path / "run") < TOL
+    parallel = _edit_model_yaml(ckpt, tmp_path / "parallel", "parallel_residual: false", "parallel_residual: true")
+    assert ch.tp1_logit_error(hf_dir, parallel, data, tmp_path / "run-parallel") > 10 * TOL
+
+
+def test_gpt_neox_reads_lm_head_and_legacy_rope_keys(converted, tmp_path):
+    """transformers 5 names the head lm_head in memory (the Hub and save_pretrained: embed_out); a
+    checkpoint with lm_head.weight converts to the same tensors. The legacy rotary_pct /
+    rotary_emb_base keys derive what rope_parameters does."""
+    from safetensors.torch import load_file, save_file
+
+    hf_dir, ckpt, _ = converted["gpt_neox"]
+    copy = tmp_path / "lm-head"
+    shutil.copytree(hf_dir, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    hf.hf_to_megatron(copy, tmp_path / "ckpt", progress=False, log=lambda *a: None)
+    a = load_file(str(next(ckpt.glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "ckpt").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    legacy = dict(cfg, rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    assert hf.derive_model_config(legacy, "legacy") == hf.derive_model_config(dict(cfg, rope_parameters=rope), "new")
+    bare = hf.derive_model_config(cfg, "defaults")  # GPTNeoXConfig's defaults: 25%, theta 10000
+    assert (bare["rotary_percent"], bare["rotary_base"]) == (0.25, 10000.0)
+
+
 @pytest.mark.parametrize("family,over,match", [
     ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation='gelu' is not supported for gemma2"),
     ("gemma2", {"attention_bias": True}, "attention_bias=True is not supported for gemma2"),
     ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
     ("gemma2", {"sliding_window": None}, "layer_types has sliding_attention layers but sliding_window is null"),
     ("gemma2", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn' is not supported"),
+    ("gpt_neox", {"hidden_act": "relu"}, "hidden_act='relu' is not supported for gpt_neox"),
+    ("gpt_neox", {"attention_bias": False}, "attention_bias=False is not supported for gpt_neox"),
+    ("gpt_neox", {"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported for gpt_neox"),
+    ("gpt_neox", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
 ])
 def test_features_not_implemented_are_refused_by_name(family, over, match):
     cfg = dict(ch.get_family(family).toy_config(), architectures=[ch.get_family(family).hf_architectures[0]], **over)
@@ -215,7 +261,8 @@ def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(converted, tmp_pa
     assert errors["control"] > 5 * hf_bf16, (errors, hf_bf16)
 
 
-CONTROLS_BF16 = {"gemma2": ("attn_logit_softcapping: 1.0", "attn_logit_softcapping: null")}
+CONTROLS_BF16 = {"gemma2": ("attn_logit_softcapping: 1.0", "attn_logit_softcapping: null"),
+                 "gpt_neox": ("parallel_residual: true", "parallel_residual: false")}
 
 
 # --------------------------------------------------------------------------- bilevel runs with LISA

@@ -131,7 +131,9 @@ def test_planned_frozen_masters_match_what_the_backend_holds(tmp_path, name):
 # parameter counts published for the Hugging Face checkpoints (the sum of their tensors)
 PUBLISHED = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
              "qwen2-7b": 7_615_616_512, "qwen2.5-32b": 32_763_876_352, "llama-3-8b": 8_030_261_248,
-             "smollm2-135m": 134_515_008}
+             "smollm2-135m": 134_515_008, "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984,
+             "gemma-2-27b": 27_227_128_320, "gpt-neox-20b": 20_554_567_680, "yi-34b": 34_388_917_248,
+             "yi-1.5-34b": 34_388_917_248, "llama-3-70b": 70_553_706_496, "llama-3.1-70b": 70_553_706_496}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -144,7 +146,12 @@ def test_model_configs_have_the_published_parameter_count(name):
     # split over 8 GPUs the ranks hold the whole model once (TP shards, PP stages)
     layout = Layout(tp=2, pp=4) if model.num_layers % 4 == 0 else Layout(tp=2, pp=2)
     split = memory.plan(model, layout, memory.Workload(make_vocab_size_divisible_by=1))
-    replicated_norms = model.num_layers * 2 * model.hidden_size + model.hidden_size
-    tied_copy = model.share_embeddings_and_output_weights * model.vocab_size * model.hidden_size
-    assert sum(s.params for s in split.stages) * layout.tp == PUBLISHED[name] + replicated_norms * (layout.tp - 1) \
+    # every TP rank holds the norms (Gemma-2: four a layer; LayerNorm: and their biases) and the biases of the
+    # row-parallel layers whole
+    h = model.hidden_size
+    per_layer = (4 if model.family == "gemma2" else 2) * h * (2 if model.normalization == "LayerNorm" else 1) \
+        + 2 * h * model.add_bias_linear
+    replicated = model.num_layers * per_layer + h * (2 if model.normalization == "LayerNorm" else 1)
+    tied_copy = model.share_embeddings_and_output_weights * model.vocab_size * h
+    assert sum(s.params for s in split.stages) * layout.tp == PUBLISHED[name] + replicated * (layout.tp - 1) \
         + tied_copy

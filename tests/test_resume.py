@@ -148,3 +148,56 @@ def test_a_checkpoints_path_that_is_not_a_directory_fails_before_the_first_step(
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         execute(prepare(req), overwrite=False)
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_packed_bf16_resume_is_exact(tmp_path):
+    # bf16 keeps fp32 masters, also of frozen layers (lisa.gamma=2 of 4); packing keeps its own
+    # stream of rows. LISA draws at 0, 3, 6 (checkpoints 4 and 5 under the same draw, a switch
+    # after the stop at 5), lambda updates at 3, 7.
+    sets = ("data.packing=true", "megatron.transformer_impl=local", "megatron.precision=bf16", "lisa.interval=3",
+            "run.save_every=4")
+    run(tmp_path / "whole", *sets[:-1], steps=8)
+    run(tmp_path / "stopped", *sets, steps=8, stop_after=5)
+    whole = records(tmp_path / "whole")
+    assert whole[3]["trainable_layers"] != whole[6]["trainable_layers"]
+    for name in ("resumed", "perturbed"):
+        shutil.copytree(tmp_path / "stopped", tmp_path / name)
+    resume(tmp_path / "resumed")
+    assert differences(records(tmp_path / "resumed"), whole) == []
+    swap_model_state(tmp_path / "perturbed", 5, 4)  # negative control
+    resume(tmp_path / "perturbed")
+    assert any(key == "loss_u" for _, key in differences(records(tmp_path / "perturbed"), whole))
+
+
+def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_previous_one_stays(tmp_path, monkeypatch):
+    import json
+    import os
+    import subprocess
+
+    from scalebio.checkpointing import read_common
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        # after the checkpoint of step 2 the disk fills, but for room for the steps' metrics rows
+        monkeypatch.setenv("SCALEBIO_TEST_FILL", str(mount / "filler"))
+        monkeypatch.setenv("SCALEBIO_TEST_FILL_AFTER", "2")
+        monkeypatch.setenv("SCALEBIO_TEST_FILL_ROOM", str(64 << 10))
+        out = mount / "run"
+        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of step 4 in .*: No space left on "
+                                                  r"device.*the previous checkpoint .*step-00000002 is intact"):
+            run(out, "run.save_every=2", steps=6)
+        complete, ignored = scan(out)
+        assert [s for s, _ in complete] == [2] and ignored == []  # nothing half-written is left
+        assert read_common(complete[0][1])["step"] == 2
+        assert [r["step"] for r in records(out)] == [0, 1, 2, 3]
+        monkeypatch.delenv("SCALEBIO_TEST_FILL_AFTER")
+        (mount / "filler").unlink()  # space again: the run goes on from step 2, dropping rows 2 and 3
+        resume(out)
+        assert [r["step"] for r in records(out)] == list(range(6))
+        assert json.loads((out / "weights.json").read_text())
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

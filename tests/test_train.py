@@ -15,7 +15,7 @@ import torch
 from helpers import DEMO_DIR, TINY, tiny_request
 from scalebio.compare.train import natural_sizes, train, train_request
 from scalebio.data import DataError, EpochSampler, RunData
-from scalebio.data.loader import WeightedSampler
+from scalebio.data.batching import WeightedSampler
 from scalebio.data.prepare import load_data_config
 from scalebio.runner import open_run
 from scalebio.tokenizer import load_tokenizer
@@ -175,6 +175,8 @@ def test_without_validation_or_test_it_says_what_it_will_not_report(tmp_path, ca
     data = _data_with_test(tmp_path, validation=False, test=False)
     train(tiny_request(tmp_path, "train.eval_samples=8", data=data, steps=2), "uniform")
     said = capsys.readouterr().out
+    # the end table of a fixed-weights run must not claim the weights were learned
+    assert "Source weights (fixed, not learned)" in said and "Learned source weights" not in said
     assert "no validation and no test set" in said and "validation loss" in said and "test loss (no test.json)" in said
     out = tmp_path / "run"
     assert not (out / "test.json").exists()

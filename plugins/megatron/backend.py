@@ -296,6 +296,13 @@ class MegatronBackend(Backend):
                            group=ps.get_pipeline_model_parallel_group())
         return full.cpu()
 
+    def grad_norm(self, model) -> float:
+        # prepare_grads only copies the gradients to where the optimizer reads them (the fp32
+        # masters' grads): the optimizer step repeats it, and computes the same norm again
+        replica = self.replicas[model]
+        replica.optimizer.prepare_grads()
+        return float(replica.optimizer.get_grad_norm())
+
     def optimizer_step(self, model, lr: float, clip_grad: float) -> dict:
         replica = self.replicas[model]
         wd = self.run.config.optim.weight_decay

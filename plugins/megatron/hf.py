@@ -16,7 +16,7 @@ import torch
 
 from . import families
 from .checkpoint import (DEFAULT_SHARD_BYTES, HF_DIR, MODEL_FILE, CheckpointError, Entry, TensorDir, arch_differences,
-                         atomic_dir, copy_tokenizer_files, dtype_name, expected_tensors, open_checkpoint,
+                         atomic_dir, check_output, copy_tokenizer_files, dtype_name, expected_tensors, open_checkpoint,
                          parse_dtype, read_meta, write_meta, write_model_config, write_tensors)
 from .families.base import dims, rope_summary, window_layers
 from .layout import split_problems
@@ -76,6 +76,7 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
     cfg, cfg_path = read_hf_config(hf_dir)
+    check_output(out, overwrite, "checkpoint", inputs=(hf_dir,))
     fields = derive_model_config(cfg, cfg_path, name=None)
     named = None
     if model_name is not None:
@@ -108,7 +109,7 @@ def hf_to_megatron(hf_dir, out, model_name: Optional[str] = None, tp: int = 1, p
     out_dtype = None if dtype is None else parse_dtype(dtype)
     entries = _plan_hf_to_megatron(model, src, out_dtype, hf_dir)
     stored_dtype = out_dtype or _common_dtype(entries)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "checkpoint", inputs=(hf_dir,), log=log) as tmp:
         summary = write_tensors(tmp, entries, max_shard_bytes, "hf-to-megatron" if progress else None)
         write_model_config(tmp, model)
         (tmp / HF_DIR).mkdir()
@@ -201,6 +202,7 @@ def megatron_to_hf(ckpt, out, dtype: Optional[str] = None, overwrite: bool = Fal
     t0 = time.perf_counter()
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
+    check_output(out, overwrite, "huggingface", inputs=(ckpt,))
     src, model = open_checkpoint(ckpt)
     check_representable(model)
     stored_cfg = ckpt / HF_DIR / "config.json"
@@ -223,7 +225,7 @@ def megatron_to_hf(ckpt, out, dtype: Optional[str] = None, overwrite: bool = Fal
             cfg[key] = dtype_name(final_dtype)
     if "torch_dtype" not in cfg and "dtype" not in cfg:
         cfg["torch_dtype"] = dtype_name(final_dtype)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "huggingface", inputs=(ckpt,), log=log) as tmp:
         summary = write_tensors(tmp, entries, max_shard_bytes, "megatron-to-hf" if progress else None)
         if stored_cfg.is_file() and meta.get("hf_config") and cfg == json.loads(stored_cfg.read_text()):
             shutil.copyfile(stored_cfg, tmp / "config.json")  # byte for byte what it was

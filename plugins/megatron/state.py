@@ -153,11 +153,12 @@ def load_state(backend, path: Path) -> None:
         except (CheckpointingException, OSError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read checkpoint {folder}: {exc}") from None
         entries = _entries(backend, replica)
-        holds = replica.view() if replica.optimizer is not None else ()
         sd, plan = {}, []
         for e in entries:
             kinds = ["weight"] + (["master"] if e.p.dtype != torch.float32 else [])
-            trains = e.p in holds
+            # not "held by this rank's optimizer": a distributed optimizer holds only its shards, and
+            # a rank may own none of a small parameter
+            trains = replica.optimizer is not None and e.p.requires_grad
             has_moments = f"{e.name}/exp_avg" in stored
             if has_moments and not trains:
                 raise CheckpointError(f"checkpoint {folder} holds Adam moments of {e.name}, which does not train at this "
@@ -181,10 +182,12 @@ def load_state(backend, path: Path) -> None:
                 loaded = dist_checkpointing.load(sd, str(folder))
         except CheckpointingException as exc:
             raise CheckpointError(f"cannot load checkpoint {folder} at this layout: {exc}") from None
+        states = []
         for e, kinds, step in plan:
             got = {k: loaded[e.key(k)].reshape(e.p.shape) for k in kinds}
             e.p.data.copy_(got["weight"])
             master = got.get("master", got["weight"].float())
             moments = {k: got[k] for k in _MOMENTS} if "exp_avg" in got else None
             step_count = float(loaded[e.key("step")][0]) if step else None
-            replica.load_param_state(e.p, ParamState(master, moments, step_count))
+            states.append((e.p, ParamState(master, moments, step_count)))
+        replica.load_param_states(states)

@@ -46,7 +46,20 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from . import fail, guarded
+
+    for flag in ("batch", "micro_batch", "seq", "gamma", "repeats", "block"):
+        if getattr(args, flag) < 1:  # before the model is built: a flag, not the --set it becomes, is named
+            return fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.batch % args.micro_batch:
+        return fail(f"--batch {args.batch} is not a multiple of --micro-batch {args.micro_batch}")
+    return guarded(lambda: _bench(args))
+
+
+def _bench(args) -> None:
     import torch
+
+    from scalebio.config import ConfigError
 
     from scalebio.runner import RunRequest, open_run, prepare
     from scalebio_plugins.minimax import loss_coefficients
@@ -62,8 +75,8 @@ def main(args) -> int:
             where = getattr(backend.options, "frozen_masters", None)
             k = len(ctx.source_names)
             if not 0 < args.gamma < backend.num_layers:
-                raise SystemExit(f"bench: --gamma must be between 1 and {backend.num_layers - 1} "
-                                 f"(the model's layers minus one), got {args.gamma}")
+                raise ConfigError(f"--gamma {args.gamma} exceeds the model's {backend.num_layers} layers minus one; "
+                                  f"give 1 to {backend.num_layers - 1} (a LISA set of every layer prices nothing)")
             full_set = frozenset(range(backend.num_layers))
             # the top layers: with trainable embeddings the backward runs through every layer anyway
             lisa_set = frozenset(range(backend.num_layers - args.gamma, backend.num_layers))

@@ -49,6 +49,9 @@ def main(args) -> int:
         model, _ = load_model(args.model)
     except ConfigError as exc:
         return fail(str(exc))
+    problem = _bad_argument(args, model)
+    if problem:
+        return fail(problem)
     work = memory.Workload(micro_batch=args.micro_batch, seq_length=args.seq, global_batch=args.global_batch,
                            val_batch=args.val_batch, gamma=None if args.full else args.gamma,
                            precision=args.precision, distributed_optimizer=args.distributed_optimizer,
@@ -56,10 +59,17 @@ def main(args) -> int:
     gpu_bytes = int(args.gpu_memory * memory.GiB)
     plans = memory.recommend(model, args.gpus, gpu_bytes, work)
     if args.tp or args.pp:
-        plans = [p for p in plans if (args.tp is None or p.layout.tp == args.tp)
-                 and (args.pp is None or p.layout.pp == args.pp)]
+        wanted = [lay for lay in memory.layouts_for(model, args.gpus) if _chosen(lay, args)]
+        if not wanted:  # the layout itself is impossible, whatever the batches
+            valid = ", ".join(str(lay) for lay in memory.layouts_for(model, args.gpus)) or "none"
+            return fail(f"{_flags(args)}: no layout of {args.gpus} GPUs for {model.name} has it (TP must be 1, 2, "
+                        f"4 or 8 and divide the GPUs, the {model.num_attention_heads} heads and the query groups; "
+                        f"PP must divide the {model.num_layers} layers); valid layouts: {valid}")
+        plans = [p for p in plans if _chosen(p.layout, args)]
     if not plans:
-        return fail(f"no valid layout of {args.gpus} GPUs for {model.name} with these batches")
+        return fail(f"no layout of {args.gpus} GPUs for {model.name} divides the batches: --global-batch "
+                    f"{args.global_batch} and --val-batch {args.val_batch} must be multiples of --micro-batch "
+                    f"{args.micro_batch} x the data-parallel size")
     g = memory.GiB
     lisa = "every layer" if args.full else f"LISA gamma={args.gamma}"
     print(f"{model.name}: {args.gpus} x {args.gpu_memory:g} GiB, {args.precision}, micro-batch {args.micro_batch} "
@@ -92,3 +102,28 @@ def main(args) -> int:
         print(f"\nno layout fits {args.gpu_memory:g} GiB: lower the micro-batch or sequence length, use LISA, "
               f"--distributed-optimizer, or more GPUs")
     return 0
+
+
+def _chosen(layout, args) -> bool:
+    return (args.tp is None or layout.tp == args.tp) and (args.pp is None or layout.pp == args.pp)
+
+
+def _flags(args) -> str:
+    return " ".join(f"--{k} {v}" for k, v in (("tp", args.tp), ("pp", args.pp)) if v is not None)
+
+
+def _bad_argument(args, model):
+    """The first impossible argument, as a message (None: all fine); checked before any pricing."""
+    import math
+
+    for flag, value in (("--gpus", args.gpus), ("--micro-batch", args.micro_batch), ("--seq", args.seq),
+                        ("--global-batch", args.global_batch), ("--val-batch", args.val_batch),
+                        ("--gamma", args.gamma), ("--tp", args.tp), ("--pp", args.pp)):
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    if not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        return f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}"
+    if not args.full and args.gamma > model.num_layers:  # LISA cannot select more layers than there are
+        return (f"--gamma {args.gamma} exceeds the {model.num_layers} layers of {model.name}; give at most "
+                f"{model.num_layers}, or --full for every layer")
+    return None

@@ -24,7 +24,7 @@ from .cache import cache_root
 from .formats import DataError
 from .manifest import build_manifest, manifest_text
 from .prepare import data_sets
-from .sources import RecordReader, source_files
+from .sources import EXTENSIONS, RecordReader, source_files
 
 FORMATS = ("jsonl", "parquet", "megatron")
 
@@ -205,6 +205,10 @@ def export_mixture(weights: dict, cfg, size: int | None, out, seed: int = 1234, 
     if fmt != "megatron" and suffix is not None and suffix != fmt:  # a run would read the file by its extension
         raise DataError(f"--format {fmt} does not match --out {out} (a {suffix} name); give an --out ending in "
                         f"{'.parquet' if fmt == 'parquet' else '.jsonl'}, or leave --format out")
+    read_as = EXTENSIONS.get(out.suffix.lower())
+    if fmt != "megatron" and suffix is None and read_as is not None:  # mix.txt: a run would read JSON as text lines
+        raise DataError(f"--out {out}: a run reads a {out.suffix} file as {read_as}, not {fmt}; give an --out "
+                        f"ending in {'.parquet' if fmt == 'parquet' else '.jsonl'}")
     if not 0 <= seed < 2**32:
         raise DataError(f"--seed must be in [0, 2**32), got {seed}")
     check_not_an_input(out, cfg, inputs)

@@ -14,10 +14,19 @@ def available() -> list:
 
 
 def resolve(name: str) -> Path:
-    """A config file path as given, or the shipped recipe of that name (a missing file is left for
-    the YAML loader to report)."""
+    """A config file path as given, or the shipped recipe of that name; a bare name that is neither
+    is an error listing the recipes (a missing path is left for the YAML loader to report)."""
     path = Path(name)
     if path.exists() or path.suffix in (".yaml", ".yml") or "/" in name:
         return path
     recipe = recipes_dir() / f"{name}.yaml"
-    return recipe if recipe.is_file() else path
+    if recipe.is_file():
+        return recipe
+    import difflib
+
+    from ..config import ConfigError
+
+    close = difflib.get_close_matches(name, available(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"--config {name}: no such file, and not a shipped recipe{hint}; recipes: "
+                      f"{', '.join(available())}")

@@ -7,10 +7,11 @@ adding one module here that defines ``FAMILY``, and listing it in ``FAMILIES``.
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError
-from . import gemma2, gpt2, llama, qwen2
+from . import gemma2, gpt2, gpt_neox, llama, qwen2
 from .base import Family
 
-FAMILIES: dict = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, llama.MISTRAL, gpt2.FAMILY, gemma2.FAMILY)}
+FAMILIES: dict = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, llama.MISTRAL, gpt2.FAMILY, gemma2.FAMILY,
+                                   gpt_neox.FAMILY)}
 ARCHITECTURES = {arch: f for f in FAMILIES.values() for arch in f.hf_architectures}
 MODEL_TYPES = {t: f for f in FAMILIES.values() for t in f.model_types}
 # architectures scalebio recognises but refuses, with what their models compute that it does not

@@ -173,7 +173,8 @@ class Family:
     def layer_spec(self, model, use_te: bool):
         """megatron-core's GPT layer spec (Transformer Engine or local), with the local core attention
         where the model needs what megatron's local softmax does not do right (a sliding window that
-        keeps a given mask, soft-capping), and (1 + w) norms on the local path."""
+        keeps a given mask, soft-capping), (1 + w) norms on the local path, and the parallel-residual
+        layer for ``parallel_residual``."""
         from megatron.core.models.gpt import gpt_layer_specs as specs
 
         from . import layers
@@ -182,13 +183,15 @@ class Family:
             spec = specs.get_gpt_layer_with_transformer_engine_spec()
             if model.attn_logit_softcapping is not None:
                 spec.submodules.self_attention.submodules.core_attention = layers.core_attention(model)
-            return spec
-        spec = specs.get_gpt_layer_local_spec(normalization=model.normalization)
-        sub = spec.submodules
-        if model.window_size is not None or model.attn_logit_softcapping is not None:
-            sub.self_attention.submodules.core_attention = layers.core_attention(model)
-        if model.layernorm_zero_centered_gamma:
-            sub.input_layernorm = sub.pre_mlp_layernorm = layers.ZeroCenteredRMSNorm
+        else:
+            spec = specs.get_gpt_layer_local_spec(normalization=model.normalization)
+            sub = spec.submodules
+            if model.window_size is not None or model.attn_logit_softcapping is not None:
+                sub.self_attention.submodules.core_attention = layers.core_attention(model)
+            if model.layernorm_zero_centered_gamma:
+                sub.input_layernorm = sub.pre_mlp_layernorm = layers.ZeroCenteredRMSNorm
+        if model.parallel_residual:  # the same submodules, read in parallel (TE: the norms fused in)
+            spec.module = layers.ParallelResidualLayer
         return spec
 
     def final_norm(self, model, use_te: bool):

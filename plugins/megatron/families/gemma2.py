@@ -133,8 +133,13 @@ class Gemma2(LlamaStyle):
                                                      "post_mlp_layernorm.weight": (h,)})
 
     def layer_spec(self, model, use_te):
+        from scalebio.config import ConfigError
+
         from . import layers
 
+        if model.parallel_residual:
+            raise ConfigError("model.parallel_residual=true: Gemma-2's sandwich-norm layer has no parallel residual",
+                              keys=("parallel_residual",))
         spec = super().layer_spec(model, use_te)
         if use_te:
             from megatron.core.extensions.transformer_engine import TENorm as post_norm

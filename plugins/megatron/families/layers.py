@@ -9,6 +9,7 @@ both the local and the Transformer Engine layer specs; none allocates on a hard-
   sliding window that is combined with the given mask. megatron-core's local softmax *replaces*
   the mask by the window (packed samples would see each other) and has no soft-capping.
 - :class:`SandwichNormLayer`: a norm before *and* after each sublayer (Gemma-2).
+- :class:`ParallelResidualLayer`: attention and MLP both read the layer input (GPT-NeoX).
 - hooks for the embedding multiplier and the final-logit soft-capping, and RoPE scaling with
   the configured parameters.
 """
@@ -121,6 +122,25 @@ class SandwichNormLayer(TransformerLayer):
         hidden_states = hidden_states + self.post_attention_layernorm(_add_bias(attn))
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return _viewless(hidden_states + self.post_mlp_layernorm(_add_bias(mlp))), None
+
+
+class ParallelResidualLayer(TransformerLayer):
+    """out = x + attn(input_norm(x)) + mlp(pre_mlp_norm(x)): attention and MLP both read the layer
+    input (GPT-NeoX's ``use_parallel_residual``, GPT-J). megatron-core 0.16's TransformerLayer runs
+    them one after the other.
+
+    The submodules are the standard layer's, so the checkpoint names are too. With the Transformer
+    Engine spec the two norms are fused into ``linear_qkv`` and ``linear_fc1`` (the norm modules are
+    identities) and the same forward applies. No recompute, offloading or inference cache.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
+                **kwargs):
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                   rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
+        mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        # HF's order of the sum (mlp + attn + x), so fp32 rounding is the same
+        return _viewless(_add_bias(mlp) + _add_bias(attn) + hidden_states), None
 
 
 # --------------------------------------------------------------------------- GPTModel hooks
