@@ -22,6 +22,7 @@ from .config import CORE_SECTIONS, ConfigError, Layers, RunConfig, find_model, l
 from .data import DataError, RunData
 from .outputs import (RunWriter, check_run_dir, clear_run_outputs, column_labels, run_metadata, step_resources,
                       weights_table)
+from .nonfinite import count_skip, trailing_skips
 from .plugins import Plugins
 from .recipes import resolve as resolve_recipe
 from .roles import MODELS, NonFiniteError, RunContext, options_dict
@@ -141,10 +142,10 @@ def check_resume(req: RunRequest, p: Prepared, say=print) -> ResumePoint:
     step, path = latest_checkpoint(run_dir, say)
     common = read_common(path)
     backend = p.classes["backend"]
-    # observers do not change the numbers; the layout changes them only by rounding
-    # nor does what to do at a non-finite step, until one happens (resuming a stopped run with skip)
-    allowed = {("run", "steps"), ("plugins", "observers"), ("run", "on_nonfinite"), ("run", "max_skips")} | {(backend.plugin_name, key)
-                                                              for key in backend.layout_options}
+    # observers do not change the numbers; the layout changes them only by rounding; what to do at
+    # a non-finite step changes nothing until one happens (a stopped run may go on with skip)
+    allowed = ({("run", "steps"), ("plugins", "observers"), ("run", "on_nonfinite"), ("run", "max_skips")}
+               | {(backend.plugin_name, key) for key in backend.layout_options})
     now, saved = resolved_config(p), common["config"]
     names = sorted({v for k, v in now["plugins"].items() if k != "observers"}
                    | {v for k, v in saved.get("plugins", {}).items() if k != "observers"})
@@ -314,7 +315,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
     cfg, backend, names = ctx.config, ctx.backend, ctx.source_names
     main = ctx.is_main
     records = list(records or [])
-    skips = _trailing_skips(records)  # consecutive skipped steps, counted across a resume
+    skips = trailing_skips(records)  # consecutive skipped steps, counted across a resume
     records = [r for r in records if "skipped" not in r]
     initial = [records[0]["pi"][n] for n in names] if records else ctx.weights.probs().tolist()
     every, keep = cfg.run.save_every, cfg.run.keep_checkpoints
@@ -341,7 +342,7 @@ def _loop(ctx: RunContext, data: RunData, writer: RunWriter, resolved: dict, sta
                     metrics = ctx.solver.step(step, data.next_train(cfg.run.global_batch),
                                               data.next_val(cfg.run.val_batch))
                 except NonFiniteError as exc:  # raised before any update: nothing to undo
-                    skips = _nonfinite(cfg.run, exc, step, skips)
+                    skips = count_skip(cfg.run, exc, step, skips)
                     writer.step({"step": step, "pi": dict(zip(names, pi)), "skipped": str(exc),
                                  "skipped_in_a_row": skips, "time_s": time.perf_counter() - t0})
                     if main:
@@ -420,27 +421,6 @@ def _stop(ctx, data, writer, resolved, records, done: int, save: bool, signum: i
     raise Preempted(f"stopped by {name} after {done} of {cfg.run.steps} steps; checkpoint {path}. weights.json, pi.csv "
                     f"and pi.png in {ctx.out_dir} hold the steps done (partial.json marks them partial). Resume "
                     f"with: {command}")
-
-
-def _trailing_skips(records: list) -> int:
-    n = 0
-    for r in reversed(records):
-        if "skipped" not in r:
-            break
-        n += 1
-    return n
-
-
-def _nonfinite(run, exc: NonFiniteError, step: int, skips: int) -> int:
-    """A non-finite step (the solver changed nothing): the new count of skips in a row, or the error
-    that stops the run (run.on_nonfinite=stop, or a skip past run.max_skips in a row). Every rank
-    decides alike: the checked values are global."""
-    if run.on_nonfinite == "stop":
-        raise exc
-    if skips >= run.max_skips:
-        raise NonFiniteError(f"{exc}. The {skips} steps before it were skipped as well (run.max_skips="
-                             f"{run.max_skips}): the run stops", exc.step, exc.model, exc.quantity) from exc
-    return skips + 1
 
 
 def _mean(values):

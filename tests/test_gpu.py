@@ -47,3 +47,21 @@ def test_bf16_run_learns_and_stays_finite(tmp_path):
     records = _records(tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in records)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+def test_fused_adam_keeps_a_carried_parameters_step_across_a_switch(tiny_run):
+    """TE's (else Apex's) FusedAdam counts Adam's step per param group: after a LISA switch the
+    embedding's update equals its update without the switch (test_group_step.py on CPU)."""
+    import megatron.core.optimizer as mopt
+
+    if mopt.USING_PYTORCH_OPTIMIZER:
+        pytest.skip("neither Transformer Engine nor Apex is installed: megatron-core uses torch's AdamW")
+    from test_group_step import kept_update_after_switch
+
+    ctx, data = tiny_run("megatron.precision=bf16")
+    du, dw, replica = kept_update_after_switch(ctx, data)
+    assert type(replica.optimizer.chained_optimizers[0].optimizer).__name__ == "FusedAdam"
+    emb = replica.chunks[0].embedding.word_embeddings.weight
+    assert replica.view().gather(emb).step == 4.0
+    assert dw.abs().max() > 0
+    assert torch.equal(du, dw), float((du - dw).abs().max())

@@ -49,6 +49,42 @@ def optimizer_entries(optimizer) -> dict:
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
+#: the param-group key under which :func:`step_groups` records the Adam step a group starts from
+STEP_KEY = "scalebio_adam_step"
+
+
+def keeps_group_step(opt) -> bool:
+    """Whether the torch optimizer ``opt`` counts Adam's step once per param group
+    (``group["step"]``, used for every parameter of the group) rather than per parameter
+    (``state[p]["step"]``). torch's own Adam/AdamW count per parameter; the fused Adams megatron-core
+    takes where they are installed (Transformer Engine's, then Apex's FusedAdam) count per group."""
+    return not type(opt).__module__.startswith("torch.")
+
+
+def step_groups(steps: dict) -> dict:
+    """megatron-core ``config_overrides`` that put the parameters of ``steps`` (parameter -> the Adam
+    step its carried state is at) into param groups of their own, one per step value: with an
+    optimizer that counts steps per group, carried and fresh parameters cannot share a group."""
+    from megatron.core.optimizer import ParamKey, ParamPredicate
+
+    out = {}
+    for n in sorted(set(steps.values())):
+        key = ParamKey(predicate=ParamPredicate(name=f"{STEP_KEY}={n}", fn=lambda p, n=n: steps.get(p) == n))
+        out[key] = {STEP_KEY: int(n)}
+    return out
+
+
+def start_group_steps(optimizer) -> None:
+    """Give each param group made by :func:`step_groups` its step count, in optimizers that count
+    steps per group (the others get theirs per parameter, from :meth:`OptimizerView.scatter`)."""
+    for o in sub_optimizers(optimizer):
+        inner = getattr(o, "optimizer", None)
+        if inner is None or not keeps_group_step(inner):
+            continue
+        for g in inner.param_groups:
+            if STEP_KEY in g:
+                g["step"] = g[STEP_KEY]
+
 
 @dataclass
 class ParamState:
@@ -75,11 +111,38 @@ class OptimizerView:
 
         self.optimizer = optimizer
         self.targets = optimizer_targets(optimizer)
+        # the param group of each tensor the optimizer updates: where a per-group step count is
+        self.groups = {id(m): g for o in sub_optimizers(optimizer) if getattr(o, "optimizer", None) is not None
+                       for g in o.optimizer.param_groups for m in g["params"]}
         self.distributed = any(isinstance(o, DistributedOptimizer) for o in sub_optimizers(optimizer))
         self.group = ps.get_data_parallel_group(with_context_parallel=True) if self.distributed else None
 
     def __contains__(self, p) -> bool:
         return p in self.targets
+
+    def _step(self, main, opt, state) -> Optional[float]:
+        """The Adam step of ``main``'s state, wherever ``opt`` keeps it (None before the first step)."""
+        if keeps_group_step(opt):
+            step = self.groups[id(main)].get("step")
+        else:
+            step = state.get("step")
+        return None if step is None else float(step)
+
+    def steps(self, params: list) -> dict:
+        """Parameter -> Adam step of its state, for those of ``params`` that have one. Collective
+        over the data-parallel group with the distributed optimizer (one reduction for all)."""
+        found = torch.zeros(len(params), dtype=torch.float64)
+        for i, p in enumerate(params):
+            src = self.targets.get(p)
+            if src is not None and src[1].state.get(src[0]):
+                found[i] = self._step(src[0], src[1], src[1].state[src[0]]) or 0.0
+        if self.distributed:
+            import torch.distributed as dist
+
+            found = found.to(params[0].device if params else torch.device("cpu"))
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.group)
+            found = found.cpu()
+        return {p: float(n) for p, n in zip(params, found.tolist()) if n > 0}
 
     def gather(self, p, moments: bool = True) -> Optional[ParamState]:
         """``p``'s state (without its moments unless ``moments``), or None where the optimizer does
@@ -92,9 +155,7 @@ class OptimizerView:
             state = opt.state.get(main)
             if not state or not moments:
                 return ParamState(main.detach())
-            step = state.get("step")
-            return ParamState(main.detach(), {k: state[k] for k in _MOMENTS},
-                              None if step is None else float(step))
+            return ParamState(main.detach(), {k: state[k] for k in _MOMENTS}, self._step(main, opt, state))
         import torch.distributed as dist
 
         rows = 1 + len(_MOMENTS) if moments else 1
@@ -109,7 +170,7 @@ class OptimizerView:
                 for i, key in enumerate(_MOMENTS, 1):
                     full[i, a:b] = state[key].view(-1).float()
                 flags[1] = 1.0
-                flags[2] = float(state.get("step", 0.0))  # torch's AdamW keeps it per parameter; TE's per group
+                flags[2] = self._step(main, opt, state) or 0.0
         dist.all_reduce(full, group=self.group)  # each element is owned by exactly one rank: the sum is the whole
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         if float(flags[0]) == 0.0:
@@ -134,8 +195,13 @@ class OptimizerView:
             moved = dict(state.moments)  # the old optimizer is dropped: take its tensors, no copy
         else:
             moved = {k: v.reshape(-1)[a:b].view_as(main).to(main.dtype).clone() for k, v in state.moments.items()}
-        if state.step is not None:
+        if state.step is not None and not keeps_group_step(opt):
             moved["step"] = torch.tensor(float(state.step))
+        elif state.step is not None and self.groups[id(main)].get("step") != int(state.step):
+            # the group's step was set when the optimizer was built (start_group_steps): a group
+            # without the parameter's step would apply another bias correction to its moments
+            raise RuntimeError(f"Adam state at step {state.step} scattered into a param group at step "
+                               f"{self.groups[id(main)].get('step')}: build the optimizer with step_groups")
         opt.state[main] = moved
 
 

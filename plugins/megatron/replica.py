@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import model as mdl
-from .optim_state import FrozenMasters, OptimizerView, ParamState, optimizer_entries
+from .optim_state import FrozenMasters, OptimizerView, ParamState, optimizer_entries, start_group_steps, step_groups
 
 
 class Replica:
@@ -57,25 +57,31 @@ class Replica:
         for p in self.parameters():
             layer = mdl.layer_index(self.global_name[p])
             p.requires_grad_(layer is None or layer in layers)
-        self._rebuild()
+        # the parameters whose moments carry over keep their Adam step too: an optimizer that counts
+        # steps per param group (TE's, Apex's FusedAdam) gets them in groups of their own
+        carried = [p for p in self.parameters() if p in trained and p.requires_grad
+                   and (keep_state or mdl.layer_index(self.global_name[p]) is None)]
+        self._rebuild(old.steps(carried) if carried else {})  # a list: the same order on every rank
+        carried = set(carried)
         new = self.view()
         # the same parameters in the same order on every rank: gather and pop are collective
         for p in self.parameters():
             if p in trained:
                 state = old.gather(p, moments=p.requires_grad)
                 if p.requires_grad:
-                    body = mdl.layer_index(self.global_name[p]) is not None
-                    new.scatter(p, state, moments=keep_state or not body)
+                    new.scatter(p, state, moments=p in carried)
                 elif self.frozen is not None:
                     self.frozen.put(p, state.master)
             elif p.requires_grad and self.frozen is not None and p in self.frozen:
                 new.scatter(p, ParamState(self.frozen.pop(p)), moments=False)
         self.active_layers = frozenset(layers)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, steps: dict) -> None:
+        """New DDP wrappers and optimizer over the trainable parameters; those in ``steps``
+        (parameter -> Adam step of the state they will get) go into param groups by step."""
         from megatron.core.distributed import DistributedDataParallel as DDP
         from megatron.core.distributed import DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
         # Drop the old buffers and optimizer first; DDP's grad hooks die with the old wrapper.
         self.ddp, self.optimizer = [], None
@@ -95,21 +101,22 @@ class Replica:
         self.ddp = [DDP(config=self.tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
                     for i, chunk in enumerate(self.chunks)]
         o = self.backend.run.config.optim
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=opts.precision == "bf16",
-                params_dtype=torch.bfloat16 if opts.precision == "bf16" else torch.float32,
-                use_distributed_optimizer=opts.use_distributed_optimizer,
-            ),
-            self.ddp,
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=opts.precision == "bf16",
+            params_dtype=torch.bfloat16 if opts.precision == "bf16" else torch.float32,
+            use_distributed_optimizer=opts.use_distributed_optimizer,
         )
+        # megatron's own groups (no weight decay on biases and norms), each split by carried step
+        overrides = {**get_standard_config_overrides(config), **step_groups(steps)}
+        self.optimizer = get_megatron_optimizer(config, self.ddp, config_overrides=overrides)
+        start_group_steps(self.optimizer)
 
     # ------------------------------------------------------------------ per-parameter state
 
@@ -127,6 +134,17 @@ class Replica:
             master = self.frozen.master(p)
             held = None if master is None else ParamState(master)
         return held if held is not None else ParamState(p.detach().float())
+
+    def load_param_states(self, states: list) -> None:
+        """:meth:`load_param_state` for every ``(p, state)`` of ``states`` (every parameter of this
+        model, in the same order on every rank), the optimizer first rebuilt with param groups by
+        the Adam step of the restored states, as a run that never stopped has them."""
+        steps = {p: st.step for p, st in states if p.requires_grad and st.moments is not None and st.step is not None}
+        if self.optimizer is not None and steps:
+            with torch.enable_grad():  # DDP hooks its gradient accumulators through autograd
+                self._rebuild(steps)
+        for p, st in states:
+            self.load_param_state(p, st)
 
     def load_param_state(self, p, state: ParamState) -> None:
         """Restore ``p``'s master, and its moments where ``p`` trains now; a frozen bf16 parameter

@@ -182,10 +182,12 @@ def load_state(backend, path: Path) -> None:
                 loaded = dist_checkpointing.load(sd, str(folder))
         except CheckpointingException as exc:
             raise CheckpointError(f"cannot load checkpoint {folder} at this layout: {exc}") from None
+        states = []
         for e, kinds, step in plan:
             got = {k: loaded[e.key(k)].reshape(e.p.shape) for k in kinds}
             e.p.data.copy_(got["weight"])
             master = got.get("master", got["weight"].float())
             moments = {k: got[k] for k in _MOMENTS} if "exp_avg" in got else None
             step_count = float(loaded[e.key("step")][0]) if step else None
-            replica.load_param_state(e.p, ParamState(master, moments, step_count))
+            states.append((e.p, ParamState(master, moments, step_count)))
+        replica.load_param_states(states)
