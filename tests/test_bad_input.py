@@ -6,6 +6,7 @@ a kill during prepare --force) follow the battery."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -129,6 +130,8 @@ def ws(tmp_path, monkeypatch):
     (w / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (d / "arrays.jsonl").write_text('["Question", "Answer"]\n')
     _data_yaml(d / "arrays.yaml", {"a": f"path: arrays.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (d / "gz.jsonl").write_bytes(gzip.compress(b'{"prompt": "Question", "response": "Answer"}\n'))
+    _data_yaml(d / "gz.yaml", {"a": f"path: gz.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (d / "wordpiece.yaml").write_text((d / "data.yaml").read_text().replace("sentencepiece", "wordpiece"))
     (w / "list.json").write_text("[0.6, 0.4]\n")
     (w / "weights.json").write_text(json.dumps({"a": 0.6, "b": 0.4}))
@@ -267,6 +270,10 @@ CASES = [
      r"got 'wordpiece'$", False),
     ("records-are-json-arrays", "prepare --data {w}/data/arrays.yaml --no-progress",
      r"arrays\.jsonl:1: expected a JSON object, got list", True),
+    ("gzip-named-jsonl", "prepare --data {w}/data/gz.yaml --no-progress",
+     r"gz\.jsonl is gzip-compressed; decompress it first \(gunzip -k \S*gz\.jsonl\)$", True),
+    ("train-weights-capitalised", "train --weights Uniform --steps 1 --out {w}/r " + T,
+     r"--weights Uniform: cannot read it \(No such file or directory\) \(did you mean 'uniform'\?\)", False),
     ("cache-dir-is-a-file", "prepare --data {w}/data/data.yaml --cache-dir {w}/afile --no-progress",
      r"cannot create the cache directory .*afile/tokenized \(Not a directory\)", False),
     ("cache-env-is-a-file", "SCALEBIO_CACHE={w}/afile prepare --data {w}/data/data.yaml --no-progress",
@@ -375,6 +382,11 @@ def test_a_full_disk_is_refused_up_front_and_mid_run_leaves_no_temporary_file(tm
         assert main(["export", "--weights", str(_weights(tmp_path)), "--data", str(data), "--size", "5",
                      "--out", str(full / "mix.jsonl")]) == 2
         assert "is full" in capsys.readouterr().err
+        (tmp_path / "ckpt").mkdir()  # eval checks --output before it opens the checkpoint
+        assert main(["eval", "--load", str(tmp_path / "ckpt"), "--data", str(data),
+                     "--output", str(full / "scores.json")]) == 2
+        err = capsys.readouterr().err
+        assert "--output" in err and "is full" in err and "Traceback" not in err
         # the disk fills up during a run: each write fails with a message, leaving no temporary file
         os.truncate(full / "filler", (full / "filler").stat().st_size - (256 << 10))  # room for the run to start
         writer = RunWriter(full / "run", ["a"])

@@ -333,5 +333,6 @@ def test_the_recipe_ships_with_the_package_and_resolves_by_name(tmp_path):
     assert p.plugins.selected["layer_selection"] == "lisa" and p.plugins.selected["weights"] == "simplex"
     assert p.options["layer_selection"].draw == "shared" and p.options["weights"].normalize == "rms"
     assert p.config.optim.lr == 1e-4 and p.options["solver"].alpha == 1.0
-    with pytest.raises(ConfigError, match="cannot read config file no-such-recipe"):
+    with pytest.raises(ConfigError, match="--config no-such-recipe: no such file, and not a shipped recipe; "
+                                          "recipes: small-pretrained"):
         prepare(tiny_request(tmp_path, configs=("no-such-recipe",)))

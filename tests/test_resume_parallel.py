@@ -6,7 +6,7 @@ the signal, as when a scheduler signals one process); its resumption, which must
 uninterrupted run bit for bit at every step; and, as the negative control, a resumption from a
 checkpoint whose models and optimizers are those of an earlier step, which must differ. LISA draws
 at steps 0, 3 and 6 and lambda updates at steps 2 and 5: the stop falls mid-accumulation, a switch
-and an update after it. The stopped run is then resumed in this process at one rank (TP1, DP1):
+and an update after it. The stopped run is then resumed in this process at one rank (TP1; DP1 with the plain optimizer):
 pi within 1e-6 of the uninterrupted run.
 """
 from __future__ import annotations
@@ -62,7 +62,8 @@ def _sequence(rank, world, root, sets, signal_rank):
 # name: (world, layout settings, the rank signalled (None: every rank), the one-rank layout it resumes at)
 LAYOUTS = {
     "tp2pp2": (4, ("megatron.tp=2", "megatron.pp=2"), 3, ("megatron.tp=1", "megatron.pp=1")),
-    "dp2_distopt": (2, ("megatron.use_distributed_optimizer=true",), None, ()),
+    "dp2_distopt": (2, ("megatron.use_distributed_optimizer=true",), None,
+                    ("megatron.use_distributed_optimizer=false",)),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from helpers import DEMO_DIR, TINY, tiny_request
 from scalebio.compare.train import natural_sizes, train, train_request
 from scalebio.data import DataError, EpochSampler, RunData
-from scalebio.data.loader import WeightedSampler
+from scalebio.data.batching import WeightedSampler
 from scalebio.data.prepare import load_data_config
 from scalebio.runner import open_run
 from scalebio.tokenizer import load_tokenizer

@@ -55,7 +55,9 @@ def read_weights_file(path) -> dict:
     try:
         weights = json.loads(path.read_text())
     except OSError as exc:
-        raise ConfigError(f"--weights {path}: cannot read it ({exc.strerror}); give a run's weights.json, "
+        named = str(path).lower() in ("uniform", "natural")  # Uniform: the names are lowercase
+        hint = f" (did you mean '{str(path).lower()}'?)" if named else ""
+        raise ConfigError(f"--weights {path}: cannot read it ({exc.strerror}){hint}; give a run's weights.json, "
                           f"'uniform' or 'natural'") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--weights {path}:{exc.lineno}: malformed JSON ({exc.msg})") from None

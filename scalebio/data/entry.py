@@ -14,7 +14,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-VERSION = 2  # the cache version (cache.CACHE_VERSION) whose entries carry file sizes and checksums
+VERSION = 2  # the cache version (store.CACHE_VERSION) whose entries carry file sizes and checksums
 
 ENTRY_FILES = ("ids.bin", "ids.idx", "flags.bin", "flags.idx", "meta.npz", "info.json")
 _WHOLE, _EDGE, _BLOCK, _BLOCKS = 8 << 20, 1 << 20, 64 << 10, 32

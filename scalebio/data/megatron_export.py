@@ -45,9 +45,9 @@ def _write_dataset(label, name, scfg, cfg, tokenizer, chat, tmp: Path) -> tuple:
     Returns (records, tokens)."""
     import numpy as np
 
-    from .cache import _indexed
+    from .store import indexed
 
-    IndexedDatasetBuilder, DType, get_bin_path, get_idx_path = _indexed(
+    IndexedDatasetBuilder, DType, get_bin_path, get_idx_path = indexed(
         "IndexedDatasetBuilder", "DType", "get_bin_path", "get_idx_path")
     if cfg.cache:
         store, _ = load_or_build(label, scfg, cfg, tokenizer, chat)
@@ -56,7 +56,7 @@ def _write_dataset(label, name, scfg, cfg, tokenizer, chat, tmp: Path) -> tuple:
         src = tmp / f".build-{name}"
         src.mkdir()
         build_store(label, scfg, scfg.on_error or cfg.on_error, tokenizer, chat, src, cache_root(cfg) / "hf")
-    (IndexedDataset,) = _indexed("IndexedDataset")
+    (IndexedDataset,) = indexed("IndexedDataset")
     ids = IndexedDataset(str(src / "ids"))
     lengths = ids.sequence_lengths.astype(np.int64)
     raw = np.memmap(src / "ids.bin", dtype=np.int32, mode="r")  # the records, back to back, in order

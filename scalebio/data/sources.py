@@ -122,6 +122,8 @@ def _read_jsonl(path: Path, data: bytes | None = None, line_type=JsonLine):
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors write one)
                 raw = raw[3:]
+            if lineno == 1 and raw.startswith(b"\x1f\x8b"):  # every line would be "not UTF-8": say why once
+                raise DataError(f"{path} is gzip-compressed; decompress it first (gunzip -k {path})")
             line, problem = _decode(raw)
             if problem is None and not line.strip():
                 continue
