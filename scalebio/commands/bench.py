@@ -149,5 +149,5 @@ def _bench(args) -> None:
                                                                    for d, s in zip(device, (full, lisa)))))
     print(f"{'bytes':34} {'full':>12} {g:>12} {'ratio':>8}")
     for name, a, b in rows:
-        print(f"{name:34} {a:>12,} {b:>12,} {b / a if a else float('nan'):>8.3f}")
+        print(f"{name:34} {a:>12,} {b:>12,} " + (f"{b / a:>8.3f}" if a else f"{'-':>8}"))
     return 0
