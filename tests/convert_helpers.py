@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from scalebio.runner import DEMO_DIR, RunRequest
+from scalebio.request import DEMO_DIR, RunRequest
 
 SEQ = 32
 BATCH = 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scalebio.runner import DEMO_DIR, RunRequest
+from scalebio.request import DEMO_DIR, RunRequest
 
 REPO = Path(__file__).resolve().parents[1]
 

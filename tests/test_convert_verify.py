@@ -130,3 +130,10 @@ def test_random_prompts_without_a_tokenizer(toys, tmp_path):
     again, _ = verify.prompt_ids(bare, 250, 1 << 30)
     assert "random prompts" in what and all(torch.equal(a, b) for a, b in zip(ids, again))
     assert all(int(t.max()) < 250 for t in ids)
+
+
+def test_another_model_fails_without_comparing_logits(toys, tmp_path, capsys):
+    rc, out, err = _verify("--hf", str(toys["gpt2"][0]), "--ckpt", str(toys["qwen2"][1]), capsys=capsys)
+    assert rc == 1 and "not the same model: family is 'gpt2'" in out and "Traceback" not in err
+    rc, out, err = _verify("--hf", str(tmp_path / "nope"), "--ckpt", str(toys["qwen2"][1]), capsys=capsys)
+    assert rc == 2 and "nope does not exist" in err

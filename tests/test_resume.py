@@ -121,7 +121,10 @@ def test_resume_accepts_only_steps_and_layout_changes(runs, tmp_path):
     cfg.write_text(cfg.read_text().replace("interval: 4", "interval: 5"))
     with pytest.raises(ConfigError, match=r"lisa\.interval is 5 here \(.*config\.yaml\) but 4"):
         prepare(RunRequest(resume=str(out)), plugins=plugins("lisa"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.yaml"):
+        prepare(RunRequest(resume=str(tmp_path / "empty")), plugins=plugins("lisa"))
+    with pytest.raises(CheckpointError, match="the path does not exist"):
         prepare(RunRequest(resume=str(tmp_path / "nothing")), plugins=plugins("lisa"))
 
 

@@ -61,7 +61,10 @@ class Replica:
         # steps per param group (TE's, Apex's FusedAdam) gets them in groups of their own
         carried = [p for p in self.parameters() if p in trained and p.requires_grad
                    and (keep_state or mdl.layer_index(self.global_name[p]) is None)]
-        self._rebuild(old.steps(carried) if carried else {})  # a list: the same order on every rank
+        # fresh state is labelled step 0: the groups then come in the same order (by step) in a run
+        # resumed from its checkpoint's steps, all shifted alike, and so do the gradient-norm sums
+        fresh = {p: 0.0 for p in self.parameters() if p.requires_grad}
+        self._rebuild({**fresh, **(old.steps(carried) if carried else {})})  # carried: a list, one order on all ranks
         carried = set(carried)
         new = self.view()
         # the same parameters in the same order on every rank: gather and pop are collective
@@ -141,6 +144,7 @@ class Replica:
         the Adam step of the restored states, as a run that never stopped has them."""
         steps = {p: st.step for p, st in states if p.requires_grad and st.moments is not None and st.step is not None}
         if self.optimizer is not None and steps:
+            steps = {**{p: 0.0 for p, _ in states if p.requires_grad}, **steps}
             with torch.enable_grad():  # DDP hooks its gradient accumulators through autograd
                 self._rebuild(steps)
         for p, st in states:

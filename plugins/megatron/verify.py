@@ -251,6 +251,17 @@ def verify(hf_dir, ckpt, tp: int = 1, pp: int = 1, tolerance: float = DEFAULT_TO
             + ("" if equal else "  MISMATCH"))
     bad_tensors = [r[0] for r in rows if not r[5]]
 
+    # a config.json of another model (vocabulary, layers) cannot be run on the same prompts: say so
+    from .hf import derive_model_config, read_hf_config
+
+    cfg, cfg_path = read_hf_config(hf_dir)
+    derived = derive_model_config(cfg, cfg_path)
+    for key in ("family", "vocab_size", "num_layers", "hidden_size"):
+        if derived.get(key) != getattr(model, key):
+            log(f"not the same model: {key} is {derived.get(key)!r} in {cfg_path} but {getattr(model, key)!r} in "
+                f"{ckpt}; logits not compared: FAIL")
+            return {"ok": False, "tensors": rows, "max_abs": float("inf"), "mean_abs": float("inf"),
+                    "relative": float("inf"), "prompts": [], "tolerance": tolerance}
     max_pos = model.max_sequence_length if model.position_embedding_type == "learned_absolute" else 1 << 30
     prompts, what = prompt_ids(hf_dir, model.vocab_size, max_pos)
     got = megatron_logits(ckpt, prompts, tp, pp)

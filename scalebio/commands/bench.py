@@ -60,7 +60,6 @@ def _bench(args) -> None:
     import torch
 
     from scalebio.config import ConfigError
-
     from scalebio.runner import RunRequest, open_run, prepare
     from scalebio_plugins.minimax import loss_coefficients
 
