@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import owner
 from .config import ConfigError
 
 EXTRA_HINT = "pip install -c constraints-cpu.txt -e \".[gguf]\" (or pip install \"scalebio[gguf]\")"
@@ -97,7 +97,7 @@ def fetch(name: str, cache_dir=None, file=None, force: bool = False, log=print) 
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root))
-    (tmp / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    owner.claim(tmp)
     try:
         gguf_file = _obtain(entry, tmp, file, log)
         _check_gguf(entry, gguf_file)
@@ -108,7 +108,7 @@ def fetch(name: str, cache_dir=None, file=None, force: bool = False, log=print) 
         hf_to_megatron(tmp / "hf", tmp / "megatron", model_name=entry.name, progress=False,
                        log=lambda line: log(line.replace(str(tmp), str(target))))
         _record_source(tmp / "megatron", entry)
-        (tmp / "owner").unlink()
+        owner.release(tmp)
         _install(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,24 +140,8 @@ def _check_extra() -> None:
 def _remove_stale_partials(root: Path, name: str) -> None:
     """Partial directories left by a fetch that was killed (its process on this host is gone)."""
     for d in root.glob(f".{name}.partial-*"):
-        if not _owner_alive(d):
+        if not owner.alive(d):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _owner_alive(partial: Path) -> bool:
-    try:
-        host, pid = (partial / "owner").read_text().split()
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname():
-        return True  # a fetch on another machine sharing this cache: not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _obtain(entry: Fetchable, tmp: Path, file, log) -> Path:

@@ -18,7 +18,8 @@ from . import families
 from .checkpoint import (DEFAULT_SHARD_BYTES, HF_DIR, MODEL_FILE, CheckpointError, Entry, TensorDir, arch_differences,
                          atomic_dir, check_output, copy_tokenizer_files, dtype_name, expected_tensors, open_checkpoint,
                          parse_dtype, read_meta, write_meta, write_model_config, write_tensors)
-from .families.base import dims, rope_summary, window_layers
+from .families.base import dims, window_layers
+from .families.rope import rope_summary
 from .layout import split_problems
 
 # --------------------------------------------------------------------------- config.json -> ModelConfig

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from scalebio import owner
 from scalebio.checkpointing import CheckpointError
 
 # files a tokenizer may consist of; copied both ways so a checkpoint carries its own tokenizer
@@ -29,7 +29,6 @@ OUTPUTS = {
                     | set(TOKENIZER_FILES)),
 }
 PARTIAL = ".{}.partial-"
-OWNER = ".scalebio-owner"  # "host pid" of the conversion writing a partial directory
 
 
 def _foreign(target: Path, kind: str) -> list:
@@ -82,26 +81,10 @@ def check_output(target, overwrite: bool, kind: str, inputs=()) -> None:
 def remove_stale_partials(target: Path, log=print) -> None:
     """Partial directories of ``target`` whose conversion was killed (its process is gone)."""
     for d in sorted(target.parent.glob(PARTIAL.format(target.name) + "*")):
-        if d.is_dir() and not _owner_alive(d):
+        if d.is_dir() and not owner.alive(d):
             size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
             shutil.rmtree(d, ignore_errors=True)
             log(f"removed {d}, left by an interrupted conversion to {target} ({size / 1024**2:.1f} MiB)")
-
-
-def _owner_alive(partial: Path) -> bool:
-    try:
-        host, pid = (partial / OWNER).read_text().split()
-    except (OSError, ValueError):
-        return False  # killed before it wrote its owner, or by a scalebio that wrote none
-    if host != socket.gethostname():
-        return True  # a conversion on another machine sharing this file system: not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _umask() -> int:
@@ -121,9 +104,9 @@ def atomic_dir(target, overwrite: bool = False, kind: str = "checkpoint", inputs
     tmp = Path(tempfile.mkdtemp(prefix=PARTIAL.format(target.name), dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become the output's mode
-        (tmp / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        owner.claim(tmp)
         yield tmp
-        (tmp / OWNER).unlink()
+        owner.release(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

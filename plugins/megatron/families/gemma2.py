@@ -20,7 +20,8 @@ import dataclasses
 import math
 
 from ..checkpoint import CheckpointError
-from .base import LlamaStyle, dims, need, rope_fields, rope_to_hf, window_layers
+from .base import LlamaStyle, dims, need, window_layers
+from .rope import rope_fields, rope_to_hf
 
 TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 # Gemma2Config's defaults (transformers 5) for fields a config.json may leave out

@@ -18,7 +18,8 @@ read, ``embed_out`` is written.
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError
-from .base import EMBEDDING, OUTPUT, Family, need, rope_fields, rope_to_hf
+from .base import EMBEDDING, OUTPUT, Family, need
+from .rope import rope_fields, rope_to_hf
 
 # hidden_act -> ModelConfig.activation. gelu_fast is 0.5x(1 + tanh(0.7978845608 x (1 + 0.044715 x^2))),
 # the tanh approximation with sqrt(2/pi) rounded to 10 digits (a relative difference below 1e-10)

@@ -8,7 +8,8 @@ the Yi repositories ship today, which transformers loads without remote code).
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError
-from .base import LlamaStyle, need, rope_fields, rope_to_hf, swiglu_decoder_problems
+from .base import LlamaStyle, need, swiglu_decoder_problems
+from .rope import rope_fields, rope_to_hf
 
 YI_ARCH = "YiForCausalLM"
 YI_NORMS = {"ln1": "input_layernorm", "ln2": "pre_mlp_layernorm"}

@@ -3,7 +3,8 @@ SwiGLU, RMSNorm, RoPE (theta 1e6), tied embeddings on the small sizes."""
 from __future__ import annotations
 
 from ..checkpoint import CheckpointError
-from .base import LlamaStyle, need, rope_fields, rope_to_hf, swiglu_decoder_problems
+from .base import LlamaStyle, need, swiglu_decoder_problems
+from .rope import rope_fields, rope_to_hf
 
 
 class Qwen2(LlamaStyle):
