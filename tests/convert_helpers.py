@@ -63,6 +63,16 @@ def build_hf(family: str, folder: Path, dtype=torch.float32, max_shard_size=None
     return model
 
 
+def toy_checkpoint(family: str, root: Path, **build) -> tuple:
+    """A tiny random HF model of ``family`` under ``root`` and its scalebio conversion: (hf_dir, ckpt)."""
+    from scalebio_plugins.megatron import hf
+
+    hf_dir, ckpt = Path(root) / f"hf-{family}", Path(root) / f"ckpt-{family}"
+    build_hf(family, hf_dir, **build)
+    hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
+    return hf_dir, ckpt
+
+
 def bpe_tokenizer(folder: Path) -> None:
     """A byte-level BPE ``tokenizer.json`` with Qwen2-style special tokens (no BOS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

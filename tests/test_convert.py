@@ -36,9 +36,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     out = {}
     for family in ch.FAMILIES:
-        hf_dir, ckpt = root / f"hf-{family}", root / f"ckpt-{family}"
-        ch.build_hf(family, hf_dir, max_shard_size="100KB" if family == "qwen2" else None)
-        hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
+        hf_dir, ckpt = ch.toy_checkpoint(family, root, max_shard_size="100KB" if family == "qwen2" else None)
         out[family] = (hf_dir, ckpt, ch.data_yaml(root))
     return out
 

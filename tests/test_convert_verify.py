@@ -15,7 +15,7 @@ import convert_helpers as ch
 from helpers import REPO
 from scalebio.cli import main
 from scalebio_plugins.megatron import checkpoint as ck
-from scalebio_plugins.megatron import families, hf, verify
+from scalebio_plugins.megatron import families, verify
 
 FAMILIES = sorted(families.FAMILIES)
 
@@ -25,10 +25,7 @@ def toys(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     out = {}
     for family in FAMILIES:
-        hf_dir, ckpt = root / f"hf-{family}", root / f"ckpt-{family}"
-        ch.build_hf(family, hf_dir)
-        hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
-        out[family] = (hf_dir, ckpt)
+        out[family] = ch.toy_checkpoint(family, root)
     return out
 
 

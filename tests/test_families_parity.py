@@ -30,9 +30,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     out = {}
     for family in NEW:
-        hf_dir, ckpt = root / f"hf-{family}", root / f"ckpt-{family}"
-        ch.build_hf(family, hf_dir)
-        hf.hf_to_megatron(hf_dir, ckpt, progress=False, log=lambda *a: None)
+        hf_dir, ckpt = ch.toy_checkpoint(family, root)
         out[family] = (hf_dir, ckpt, ch.data_yaml(root))
     return out
 
