@@ -95,3 +95,55 @@ def test_unknown_baseline_and_bad_settings_fail_before_running(tmp_path, capsys)
     assert cli.main(_argv(data, tmp_path / "cmp", "--train-set", "train.val_evry=2")) == 2
     assert "unknown key 'train.val_evry'" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def _equal_size_data(tmp_path: Path) -> Path:
+    """Two demo sources cut to 100 samples each: natural weights equal uniform's."""
+    for name in ("clean", "typos"):
+        lines = (DEMO_DIR / f"{name}.jsonl").read_text().splitlines(True)[:100]
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines))
+    data = _data(tmp_path)
+    text = data.read_text().replace(f"{DEMO_DIR}/clean.jsonl", str(tmp_path / "clean.jsonl"))
+    text = text.replace(f"{DEMO_DIR}/typos.jsonl", str(tmp_path / "typos.jsonl"))
+    data.write_text("\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("shuffled:")) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_natural_equal_to_uniform_is_not_run_twice(tmp_path, equal):
+    from scalebio.compare.run import CompareRequest, check, plan, same_as_uniform
+    from scalebio.plugins import discover
+
+    data = _equal_size_data(tmp_path) if equal else _data(tmp_path)
+    req = CompareRequest(data=str(data), model="tiny", steps=2, seeds=2, baselines=(), sets=SMALL)
+    runs = plan(req, tmp_path / "cmp", discover())
+    check(runs)
+    kept, same = same_as_uniform(runs)
+    arms = [r.arm for r in kept if r.is_train]
+    if equal:  # the same weights and seeds would draw the same rows: uniform's runs stand for natural's
+        assert same == {"natural": "uniform"} and arms == ["learned", "uniform"] * 2
+    else:  # the demo's sources differ in size (2000, 700, 700): natural is its own arm
+        assert same == {} and kept == runs and arms == ["learned", "uniform", "natural"] * 2
+
+
+def test_report_shows_an_arm_not_run_as_the_one_it_equals():
+    from scalebio.compare import report
+    from scalebio.compare.run import CompareRequest, Run
+
+    def train_run(arm, seed, loss):
+        run = Run(f"train-{arm}-s{seed}", arm, seed, None, weights=arm)
+        run.result = {"test": {"loss": loss, "tokens": 100}, "weights": {"a": 0.5, "b": 0.5}, "out": f"/r/{arm}{seed}",
+                      "trained_on": {"steps": 3, "samples": 24, "supervised_tokens": 240}, "global_batch": 8,
+                      "seconds": 1.0, "command": ["scalebio"]}
+        return run
+
+    runs = [train_run(a, s, loss) for s, pair in ((1, (2.0, 2.5)), (2, (2.2, 2.6))) for a, loss in
+            zip(("learned", "uniform"), pair)]
+    cfg = type("Cfg", (), {"model": type("M", (), {"name": "tiny"})})
+    result = report.summarize(CompareRequest(data="d.yaml"), runs, cfg, same={"natural": "uniform"})
+    assert list(result["arms"]) == ["learned", "uniform", "natural"]
+    assert result["arms"]["natural"]["same_as"] == "uniform"
+    assert result["arms"]["natural"]["test_loss"]["values"] == [2.5, 2.6] and result["arms"]["natural"]["runs"] == []
+    assert result["minus_uniform"]["learned"]["values"] == pytest.approx([-0.5, -0.4])
+    text = report.table(result)
+    assert "= uniform (not run)" in text and "natural: the same weights as uniform" in text

@@ -31,7 +31,9 @@ def spread(values: list) -> dict:
     return {"mean": mean, "sd": sd, "n": n, "values": values}
 
 
-def summarize(req, runs: list, cfg) -> dict:
+def summarize(req, runs: list, cfg, same=None) -> dict:
+    """``same``: {arm: other arm} for arms not run because their weights equal the other's."""
+    same = same or {}
     train = [r for r in runs if r.is_train]
     arms = list(dict.fromkeys(r.arm for r in train))
     seeds = list(dict.fromkeys(r.seed for r in train))
@@ -59,6 +61,9 @@ def summarize(req, runs: list, cfg) -> dict:
         base = {r.seed: r.result["test"]["loss"] for r in by_arm["uniform"]}
         out["minus_uniform"] = {a: spread([r.result["test"]["loss"] - base[r.seed] for r in by_arm[a]])
                                 for a in arms if a != "uniform"}
+    for a, b in same.items():  # the same weights and seeds: the other arm's runs are this arm's
+        out["weights"][a] = out["weights"][b]
+        out["arms"][a] = {"same_as": b, "test_loss": out["arms"][b]["test_loss"], "runs": []}
     return out
 
 
@@ -81,15 +86,21 @@ def table(result: dict) -> str:
     lines += [head, "-" * len(head)]
     for a in arms:
         diff = result.get("minus_uniform", {}).get(a)
-        row = f"{a:<{width}}  {_pm(result['arms'][a]['test_loss']):>22}  {(_pm(diff) if diff else '-'):>23}  "
+        same = result["arms"][a].get("same_as")
+        loss = f"= {same} (not run)" if same else _pm(result['arms'][a]['test_loss'])
+        row = f"{a:<{width}}  {loss:>22}  {(_pm(diff) if diff else '-'):>23}  "
         lines.append(row + "  ".join(f"{result['weights'][a][nm]:>10.4f}" for nm in names))
     lines.append("")
     lines.append("weights: the sampling probability of each source in that arm's train runs; 'learned' is the "
                  "bilevel run's weights.json")
+    for a in arms:
+        if result["arms"][a].get("same_as"):
+            lines.append(f"{a}: the same weights as {result['arms'][a]['same_as']} (within 1e-12), so the same rows "
+                         f"with the same seeds; its runs are {result['arms'][a]['same_as']}'s")
     for a, s in result.get("minus_uniform", {}).items():
         lines.append(f"{a} - uniform: {_pm(s)} (mean ± sd over {s['n']} seeds of the per-seed difference in test "
                      f"loss; negative = lower test loss than uniform)")
-    tokens = {a: sum(v) / len(v) for a, v in b["supervised_tokens"].items()}
+    tokens = {a: sum(v) / len(v) for a, v in b["supervised_tokens"].items()}  # arms that ran
     lines.append("supervised tokens per train run (mean over seeds): "
                  + ", ".join(f"{a} {t:,.0f}" for a, t in tokens.items())
                  + "; samples: " + ", ".join(f"{a} {sum(v) / len(v):,.0f}" for a, v in b["samples"].items()))

@@ -11,6 +11,8 @@ starts and ends its own process groups, and any layout works through ``--launche
 
 then reads every train run's ``test.json`` and writes ``compare.json``, ``compare.png`` and the
 table (:mod:`.report`). Everything each run will be asked is checked before the first one starts.
+An arm whose weights equal uniform's (``natural`` when every source has as many samples) would
+repeat uniform's runs row for row, so it is not run again: the report shows it as uniform's.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..runner import RunRequest, prepare
 from .train import TRAIN_PLUGINS, train_request
 
 FIXED_ARMS = ("uniform", "natural")
+SAME_WEIGHTS = 1e-12  # weights closer than this are the same arm
 
 
 class CompareError(RuntimeError):
@@ -138,6 +141,23 @@ def check(runs: list):
     return first
 
 
+def same_as_uniform(runs: list) -> tuple:
+    """(runs without the fixed arms whose weights equal uniform's, {arm: "uniform"} for those arms).
+
+    The same weights and seed draw the same rows, so such an arm's runs would repeat uniform's."""
+    first = {r.arm: r for r in reversed(runs) if r.is_train and r.arm in FIXED_ARMS}
+    if "uniform" not in first:
+        return runs, {}
+    uniform = train_request(first["uniform"].request, "uniform")[1]
+    same = {}
+    for arm in FIXED_ARMS:
+        if arm != "uniform" and arm in first:
+            pi = train_request(first[arm].request, arm)[1]
+            if max(abs(pi[n] - uniform[n]) for n in uniform) <= SAME_WEIGHTS:
+                same[arm] = "uniform"
+    return [r for r in runs if r.arm not in same], same
+
+
 def launch(run: Run, launcher: list, log: Path) -> float:
     """Run one process; its output goes to ``log``. Returns the wall time."""
     cmd = launcher + ["-m", "scalebio"] + run.argv()
@@ -174,6 +194,10 @@ def compare(req: CompareRequest, say=print) -> dict:
                           f"pass --overwrite")
     runs = plan(req, out, infos)
     cfg = check(runs)
+    runs, same = same_as_uniform(runs)
+    for arm in same:
+        say(f"compare: '{arm}' weights equal uniform's (sources of the same size), so its runs would repeat "
+            f"uniform's; it is reported as uniform's and not run")
     launcher = shlex.split(req.launcher) if req.launcher else [sys.executable]
     say(f"compare: {len(runs)} runs into {out} (logs in {out / 'logs'}); model {cfg.model.name}, "
         f"{len(runs) - 1 - len(req.baselines)} train runs of {runs[-1].request.steps or cfg.run.steps} steps")
@@ -183,7 +207,7 @@ def compare(req: CompareRequest, say=print) -> dict:
         what = (f"test loss {run.result['test']['loss']:.4f}" if run.is_train
                 else "weights " + ", ".join(f"{n} {p:.3f}" for n, p in run.result["weights"].items()))
         say(f"[{i}/{len(runs)}] {run.name}: {what} ({seconds:.0f} s)")
-    result = report.summarize(req, runs, cfg)
+    result = report.summarize(req, runs, cfg, same=same)
     report.write(out, result)
     say("\n" + report.table(result))
     say(f"\ncompare directory: {out}  (compare.json, compare.png, one run directory per run, logs/)")
