@@ -141,6 +141,16 @@ def observers(infos: dict, requested: Iterable[str]) -> list:
     return list(dict.fromkeys(n for n in requested if n in infos and not infos[n].roles and infos[n].error is None))
 
 
+def override(configured: Iterable[str], requested: Iterable[str], infos: dict) -> list:
+    """The config files' plugins, less those of a role a plugin named on the command line takes,
+    then the command line's: ``--plugins doremi`` replaces a recipe's ``simplex``, as ``--set``
+    replaces a config value. Two plugins of one role within either list still conflict."""
+    requested = [r for r in requested if r]
+    taken = {role for name in requested if name in infos for role in infos[name].roles}
+    kept = [c for c in configured if c not in infos or not set(infos[c].roles) & taken]
+    return kept + requested
+
+
 class Plugins:
     """The plugins of one run: one per role (``selected``) plus the named observers (``observers``)."""
 

@@ -13,7 +13,7 @@ from .checkpointing import (CheckpointError, ResumePoint, config_differences, la
                             read_common)
 from .config import CORE_SECTIONS, ConfigError, Layers, RunConfig, find_model, load_yaml, parse_layers, to_dict
 from .data import DataError
-from .plugins import Plugins
+from .plugins import Plugins, override
 from .recipes import resolve as resolve_recipe
 from .roles import options_dict
 
@@ -171,7 +171,7 @@ def prepare(req: RunRequest, plugins: Optional[Plugins] = None) -> Prepared:
         infos = plugins.infos
     config = parse_layers(layers, set(infos))
     if plugins is None:
-        plugins = Plugins(list(config.plugins) + list(req.plugins), infos=infos)
+        plugins = Plugins(override(config.plugins, req.plugins, infos), infos=infos)
     layout = {key: value for key, value in (("tp", req.tp), ("pp", req.pp), ("vpp", req.vpp)) if value is not None}
     if layout:
         flags = " ".join(f"--{k} {v}" for k, v in layout.items())

@@ -147,3 +147,20 @@ def test_report_shows_an_arm_not_run_as_the_one_it_equals():
     assert result["minus_uniform"]["learned"]["values"] == pytest.approx([-0.5, -0.4])
     text = report.table(result)
     assert "= uniform (not run)" in text and "natural: the same weights as uniform" in text
+
+
+def test_a_recipe_with_its_own_weights_plugin_works_with_every_arm(tmp_path):
+    """The recipe names simplex; the doremi baseline and the train arms take the weights role
+    themselves, and their --plugins replace the recipe's (it failed: 'simplex and doremi both
+    take the weights role')."""
+    from scalebio.compare.run import CompareRequest, check, plan
+    from scalebio.plugins import discover
+    from scalebio.runner import prepare
+
+    req = CompareRequest(data=str(_data(tmp_path)), model="tiny", steps=2, seeds=1, configs=("small-pretrained",),
+                         sets=SMALL)
+    runs = plan(req, tmp_path / "cmp", discover())
+    check(runs)
+    picked = {r.arm: prepare(r.request).plugins.selected for r in runs if not r.is_train}
+    assert picked["bilevel"]["weights"] == "simplex" and picked["doremi"]["weights"] == "doremi"
+    assert picked["doremi"]["layer_selection"] == "lisa"

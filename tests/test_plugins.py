@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from scalebio.plugins import DEFAULTS, Plugins, PluginError, discover, format_table, select
+from scalebio.plugins import DEFAULTS, Plugins, PluginError, discover, format_table, override, select
 
 BUILTIN = {"minimax", "full", "lisa", "softmax", "simplex", "megatron"}
 
@@ -145,3 +145,13 @@ def test_scalebio_plugins_command_lists_roles_versions_hooks():
     for name in BUILTIN:
         assert name in out
     assert "layer selection" in out and "scalebio_layer_selection" in out and "0.1.0" in out
+
+
+def test_command_line_plugin_replaces_the_config_files_plugin_of_its_role():
+    infos = discover()
+    assert override(["lisa", "simplex"], ["doremi"], infos) == ["lisa", "doremi"]
+    assert override(["lisa", "simplex"], ["train", "fixed"], infos) == ["lisa", "train", "fixed"]
+    assert override(["lisa", "simplex"], [], infos) == ["lisa", "simplex"]
+    # within the command line (or within a config) two of one role still conflict
+    with pytest.raises(PluginError, match="'softmax' and 'simplex' both take the weights role"):
+        Plugins(override(["lisa"], ["softmax", "simplex"], infos), infos=infos)
