@@ -1,6 +1,6 @@
 """Peak RSS of ``scalebio convert`` both ways on a 7B-shaped checkpoint (not a test: docs/conversion.md).
 
-    python tests/bench_convert_memory.py --layers 2 --dir /tmp/rss7b
+    python tools/bench_convert_memory.py --layers 2 --dir /tmp/rss7b
 
 builds a random Llama-2-7B-shaped Hugging Face directory (hidden 4096, 32 heads, ffn 11008,
 vocabulary 32000, untied, bf16) with ``--layers`` decoder layers, one safetensors shard per layer,
