@@ -19,20 +19,17 @@ Python version that runs it; this script documents where it came from.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import inspect
-import io
 import json
 import random
 import re
 import sys
-import warnings
 from pathlib import Path
+
+from experiment_data.corpora import stdlib_modules  # tools/ is on sys.path when run as a script
 
 SIZES = {"clean": 2000, "shuffled": 700, "typos": 700, "validation": 400}
 _GOOD = re.compile(r"[A-Z][A-Za-z0-9 ,.;:'()\-\"]+[.]")
-_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc"}
 
 
 def _sentences(text: str) -> list:
@@ -48,15 +45,7 @@ def collect() -> list:
     from pydoc_data.topics import topics
 
     found = [s for text in topics.values() for s in _sentences(text)]
-    warnings.filterwarnings("ignore")
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP:
-            continue
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                mod = importlib.import_module(name)
-        except Exception:
-            continue
+    for name, mod in stdlib_modules():
         docs = [inspect.getdoc(mod) or ""]
         for obj in vars(mod).values():
             if getattr(obj, "__module__", None) == name and (inspect.isfunction(obj) or inspect.isclass(obj)):

@@ -61,6 +61,21 @@ def wordnet_items(rng: random.Random, root: Path = WORDNET) -> list:
 
 
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc"}
+
+
+def stdlib_modules():
+    """(name, module) of every public standard-library module that imports here, in name order,
+    silenced (some print or open windows at import); the demo data walks them too."""
+    warnings.filterwarnings("ignore")
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in _SKIP_MODULES:
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                mod = importlib.import_module(name)
+        except Exception:
+            continue
+        yield name, mod
 _SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()\-]+\.")
 
 
@@ -77,16 +92,8 @@ def pydoc_items(rng: random.Random) -> list:
 
 
 def _pydoc_items_here() -> list:
-    warnings.filterwarnings("ignore")
     items, seen = [], set()
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP_MODULES:
-            continue
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                mod = importlib.import_module(name)
-        except Exception:
-            continue
+    for name, mod in stdlib_modules():
         for attr, obj in sorted(vars(mod).items()):
             if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
                 continue
