@@ -1,10 +1,14 @@
-"""Fixtures: open a tiny real run (backend set up) and keep tests single-process."""
+"""Fixtures: open a tiny real run (backend set up), keep tests single-process, the demo and ChatML
+tokenizers of the data tests."""
 from __future__ import annotations
 
 import pytest
 
-from helpers import tiny_request
+from data_helpers import CHATML, make_hf_tokenizer
+from helpers import DEMO_DIR, tiny_request
+from scalebio.config import TokenizerConfig
 from scalebio.runner import open_run, prepare
+from scalebio.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -43,3 +47,14 @@ def smollm2(tmp_path_factory):
 
     root = os.environ.get("SCALEBIO_TEST_MODELS") or tmp_path_factory.getbasetemp() / "scalebio-cache"
     return fetch("smollm2-135m", cache_dir=root, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return load_tokenizer(TokenizerConfig(path=str(DEMO_DIR / "tokenizer.model")))
+
+
+@pytest.fixture(scope="session")
+def chatml_tok(tmp_path_factory):
+    return make_hf_tokenizer(tmp_path_factory.mktemp("chatml"), {
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML})
