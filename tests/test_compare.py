@@ -126,7 +126,7 @@ def test_natural_equal_to_uniform_is_not_run_twice(tmp_path, equal):
         assert same == {} and kept == runs and arms == ["learned", "uniform", "natural"] * 2
 
 
-def test_report_shows_an_arm_not_run_as_the_one_it_equals():
+def test_report_shows_an_arm_not_run_as_the_one_it_equals(tmp_path):
     from scalebio.compare import report
     from scalebio.compare.run import CompareRequest, Run
 
@@ -147,6 +147,9 @@ def test_report_shows_an_arm_not_run_as_the_one_it_equals():
     assert result["minus_uniform"]["learned"]["values"] == pytest.approx([-0.5, -0.4])
     text = report.table(result)
     assert "= uniform (not run)" in text and "natural: the same weights as uniform" in text
+    report.write(tmp_path, result)
+    assert json.loads((tmp_path / "compare.json").read_text())["arms"]["natural"]["same_as"] == "uniform"
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_recipe_with_its_own_weights_plugin_works_with_every_arm(tmp_path):

@@ -120,7 +120,9 @@ def plot(path: Path, result: dict) -> None:
         s = result["arms"][a]["test_loss"]
         ax.scatter([i] * s["n"], s["values"], color="0.6", s=14, zorder=2)
         ax.errorbar([i], [s["mean"]], yerr=[s["sd"] or 0.0], fmt="o", color="black", capsize=4, zorder=3)
-    ax.set_xticks(range(len(arms)), arms)
+    # an arm not run shows the runs of the arm it equals, and says so
+    ax.set_xticks(range(len(arms)), [f"{a}\n(= {result['arms'][a]['same_as']})" if result["arms"][a].get("same_as")
+                                     else a for a in arms])
     ax.set_ylabel("test loss of the fine-tuned model")
     ax.set_title(f"mean ± sd over {len(result['seeds'])} seeds (grey: each seed)")
     ax.grid(alpha=0.3, axis="y")
