@@ -41,12 +41,14 @@ def test_small_compare_writes_every_arm_and_seed_and_reproduces(tmp_path, capsys
     data, out = _data(tmp_path), tmp_path / "cmp"
     assert cli.main(_argv(data, out, "--train-steps", "3")) == 0
     printed = capsys.readouterr().out
-    assert "test loss (mean ± sd)" in printed and "learned - uniform: " in printed
+    assert "test loss (mean ± sd)" in printed and "learned - uniform: " in printed and "compare took " in printed
 
     result = json.loads((out / "compare.json").read_text())
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     arms = ["learned", "doremi", "uniform", "natural"]
     assert list(result["arms"]) == arms and result["seeds"] == [1234, 1235]
+    # the whole comparison's wall time covers every run's
+    assert result["seconds"] >= sum(r["seconds"] for a in arms for r in result["arms"][a]["runs"])
     names = ["clean", "shuffled", "typos"]
     # the weights each arm trained on: the learning runs' weights.json, uniform, natural
     assert result["weights"]["learned"] == json.loads((out / "bilevel" / "weights.json").read_text())

@@ -187,6 +187,7 @@ def compare(req: CompareRequest, say=print) -> dict:
     from ..plugins import discover
     from . import report
 
+    started = time.perf_counter()
     infos = discover()
     out = Path(req.out.format(time=time.strftime("%Y%m%d-%H%M%S"), model=req.model or "model"))
     if out.exists() and any(out.iterdir()) and not req.overwrite:
@@ -208,7 +209,9 @@ def compare(req: CompareRequest, say=print) -> dict:
                 else "weights " + ", ".join(f"{n} {p:.3f}" for n, p in run.result["weights"].items()))
         say(f"[{i}/{len(runs)}] {run.name}: {what} ({seconds:.0f} s)")
     result = report.summarize(req, runs, cfg, same=same)
+    result["seconds"] = time.perf_counter() - started  # the whole comparison, wall time
     report.write(out, result)
     say("\n" + report.table(result))
+    say(f"\ncompare took {result['seconds'] / 60:.1f} min of wall time ({len(runs)} runs)")
     say(f"\ncompare directory: {out}  (compare.json, compare.png, one run directory per run, logs/)")
     return result
