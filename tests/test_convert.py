@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron conversion: logit parity with transformers, round trips, bad input.
+"""Hugging Face <-> Megatron conversion: logit parity with transformers, round trips, config derivation
+(bad input: test_convert_bad_input.py).
 
 Every family's tiny random model (built by transformers from a config) is converted once; the
 Megatron model the backend loads from it must give transformers' logits within 1e-4 (fp32) at
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -300,124 +299,6 @@ def test_config_derivation_of_published_configs():
     assert not ck.arch_differences(named, hf.derive_model_config(gpt2, "gpt2"))
 
 
-# --------------------------------------------------------------------------- bad input
-
-
-def _no_leftovers(parent: Path, name: str):
-    assert not (parent / name).exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], "a temporary directory was left"
-
-
-def test_bad_inputs_are_clear_errors_and_leave_nothing(converted, tmp_path):
-    qwen_dir = converted["qwen2"][0]
-
-    def convert(src, **kw):
-        return hf.hf_to_megatron(src, tmp_path / "out", progress=False, log=lambda *a: None, **kw)
-
-    # a missing shard of a sharded checkpoint
-    broken = tmp_path / "missing"
-    shutil.copytree(qwen_dir, broken)
-    shard = sorted(broken.glob("model-*.safetensors"))[1]
-    shard.unlink()
-    with pytest.raises(ck.CheckpointError, match=f"missing shard.*{shard.name}"):
-        convert(broken)
-    _no_leftovers(tmp_path, "out")
-
-    # a truncated shard: found before anything is written
-    trunc = tmp_path / "trunc"
-    shutil.copytree(qwen_dir, trunc)
-    shard = sorted(trunc.glob("model-*.safetensors"))[-1]
-    shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(ck.CheckpointError, match=f"{shard.name}: truncated"):
-        convert(trunc)
-    _no_leftovers(tmp_path, "out")
-
-    # an architecture nobody maps
-    unknown = tmp_path / "unknown"
-    shutil.copytree(qwen_dir, unknown)
-    cfg = json.loads((unknown / "config.json").read_text())
-    (unknown / "config.json").write_text(json.dumps(dict(cfg, architectures=["FalconForCausalLM"], model_type="falcon")))
-    with pytest.raises(ck.CheckpointError, match="unknown architecture FalconForCausalLM; supported: GPT2LMHeadModel"):
-        convert(unknown)
-
-    # Gemma-3: recognised and refused, with what its model has that no family adapter implements
-    (unknown / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma3ForCausalLM"], model_type="gemma3")))
-    with pytest.raises(ck.CheckpointError, match="Gemma3ForCausalLM is not supported: Gemma-3 has no family adapter "
-                                                 r"\(QK norms"):
-        convert(unknown)
-
-    # TP that does not divide the heads (4 heads, 2 key/value groups)
-    with pytest.raises(ck.CheckpointError, match="TP=3 does not divide num_attention_heads=4"):
-        convert(qwen_dir, tp=3)
-    with pytest.raises(ck.CheckpointError, match=r"TP=4 does not divide num_query_groups=2 \(the key/value heads\)"):
-        convert(qwen_dir, tp=4)
-    _no_leftovers(tmp_path, "out")
-
-    # a tensor config.json does not explain, and one with the wrong shape
-    odd = tmp_path / "odd"
-    shutil.copytree(converted["gpt2"][0], odd)
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(odd / "model.safetensors"))
-    save_file(dict(tensors, **{"transformer.extra.weight": torch.zeros(2)}), str(odd / "model.safetensors"),
-              metadata={"format": "pt"})
-    with pytest.raises(ck.CheckpointError, match="does not account for: transformer.extra.weight"):
-        convert(odd)
-    tensors["transformer.h.1.attn.c_attn.weight"] = tensors["transformer.h.1.attn.c_attn.weight"][:, :-1].contiguous()
-    save_file(tensors, str(odd / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ck.CheckpointError, match=r"transformer.h.1.attn.c_attn.weight has shape \[64, 191\]"):
-        convert(odd)
-    _no_leftovers(tmp_path, "out")
-
-
-def test_failure_while_writing_leaves_no_partial_directory(converted, tmp_path, monkeypatch):
-    hf_dir = converted["llama"][0]
-    calls = {"n": 0}
-    real_get = ck.TensorDir.get
-
-    def failing_get(self, name):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError("disk on fire")
-        return real_get(self, name)
-
-    monkeypatch.setattr(ck.TensorDir, "get", failing_get)
-    with pytest.raises(OSError, match="disk on fire"):
-        hf.hf_to_megatron(hf_dir, tmp_path / "out", progress=False, log=lambda *a: None)
-    _no_leftovers(tmp_path, "out")
-
-
-def test_existing_output_is_not_clobbered(converted, tmp_path):
-    """issue 11: --overwrite replaced any non-empty directory; now only an earlier conversion's output."""
-    hf_dir, ckpt, _ = converted["gpt2"]
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(ck.CheckpointError, match="exists and is not empty"):
-        hf.hf_to_megatron(hf_dir, out, progress=False, log=lambda *a: None)
-    with pytest.raises(ck.CheckpointError, match=r"holds files a conversion does not write \(keep.txt\)"):
-        hf.hf_to_megatron(hf_dir, out, overwrite=True, progress=False, log=lambda *a: None)
-    assert (out / "keep.txt").read_text() == "mine"
-    (out / "keep.txt").unlink()
-    hf.hf_to_megatron(hf_dir, out, progress=False, log=lambda *a: None)  # an empty directory is fine
-    hf.hf_to_megatron(hf_dir, out, overwrite=True, progress=False, log=lambda *a: None)  # an earlier one too
-    assert (out / ck.META_FILE).is_file()
-    _no_leftovers(tmp_path, "out.partial")
-
-
-def test_load_errors_name_the_problem(converted, tmp_path):
-    hf_dir, ckpt, data = converted["gpt2"]
-    with pytest.raises(ConfigError, match="looks like a Hugging Face checkpoint"):
-        ck.open_checkpoint(hf_dir)
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt, copy)
-    index = json.loads((copy / ck.INDEX_FILE).read_text())
-    del index["weight_map"]["decoder.layers.3.mlp.linear_fc2.bias"]
-    (copy / ck.INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match="missing decoder.layers.3.mlp.linear_fc2.bias"):
-        ck.open_checkpoint(copy)
-
-
 # --------------------------------------------------------------------------- sharded reads
 
 
@@ -443,17 +324,3 @@ def test_read_shard_equals_megatron_split_of_the_full_tensor(tmp_path, name, row
         for rank in range(world):
             got = ck.read_shard(src, name, split, rank, world, padded)
             assert torch.equal(got, mdl.shard(padded_full, split, rank, world)), (world, rank)
-
-
-def test_convert_cli_summary_and_error_exit(converted, tmp_path):
-    hf_dir = converted["gpt2"][0]
-    tool = [sys.executable, str(REPO / "tools" / "convert.py")]
-    ok = subprocess.run(tool + ["hf-to-megatron", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt")],
-                        capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert "hf-to-megatron: wrote 52 tensors" in ok.stdout and "family gpt2" in ok.stdout
-    assert "hf-to-megatron: 100%" in ok.stderr  # the progress bar
-    bad = subprocess.run(tool + ["megatron-to-hf", "--ckpt", str(hf_dir), "--out", str(tmp_path / "hf")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "error:" in bad.stderr and "looks like a Hugging Face checkpoint" in bad.stderr
-    _no_leftovers(tmp_path, "hf")
