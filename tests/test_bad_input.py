@@ -1,102 +1,22 @@
 """Bad input through the command line, as a new user gives it: every case is one line of error
 (no traceback) with exit code 2, before any data is read where the input allows, and the user's
 files are byte-for-byte unchanged with nothing new left next to them. docs/bad-input.md lists
-what is checked; the cases that need a real run or a real file system (overwrite, a full disk,
-a kill during prepare --force) follow the battery."""
+what is checked; the cases that need a real run (overwrite, a relative cache_dir) follow the
+battery, and those that need a real file system (a full disk, a read-only cache, a kill during
+prepare --force) are in test_bad_input_fs.py."""
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import DEMO_DIR, REPO, TINY, write_jsonl
+from bad_input_helpers import data_yaml, read_only_dir, records, tiny_run
+from helpers import TINY, write_jsonl
 from scalebio.cli import main
-
-TOKENIZER = DEMO_DIR / "tokenizer.model"
-
-
-# --------------------------------------------------------------------------- file systems
-
-
-def _mount_tmpfs(path: Path, options: str) -> bool:
-    """A tmpfs at ``path`` (root only): a real read-only or full file system, no mocks."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    return proc.returncode == 0
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)  # lazy: even with a file still open
-
-
-def _fill(path: Path) -> None:
-    """Write to ``path`` until the file system is full (unbuffered: nothing is left to flush)."""
-    with open(path, "ab", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError:
-            pass
-
-
-@contextlib.contextmanager
-def read_only_dir(path: Path):
-    """A directory nothing can be written in: a read-only mount as root (root ignores mode bits),
-    else mode 0555. Yields None when neither is possible here."""
-    if os.geteuid() != 0:
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o555)
-        try:
-            yield path
-        finally:
-            os.chmod(path, 0o755)
-    elif _mount_tmpfs(path, "ro,size=1m"):
-        try:
-            yield path
-        finally:
-            _umount(path)
-    else:
-        yield None
-
-
-@contextlib.contextmanager
-def full_fs(path: Path, size: str = "2m"):
-    """A small tmpfs filled to the last byte (root only; yields None elsewhere)."""
-    if not _mount_tmpfs(path, f"size={size}"):
-        yield None
-        return
-    try:
-        _fill(path / "filler")
-        yield path
-    finally:
-        _umount(path)
-
-
-# --------------------------------------------------------------------------- the user's workspace
-
-
-def _data_yaml(path: Path, sources: dict, validation: str, extra: str = "", tokenizer=TOKENIZER) -> Path:
-    lines = ["seq_length: 32", f"tokenizer: {{type: sentencepiece, path: {tokenizer}}}", "sources:"]
-    lines += [f"  {n}: {{{spec}}}" for n, spec in sources.items()]
-    lines.append(f"validation: {{{validation}}}")
-    path.write_text("\n".join(lines) + "\n" + extra)
-    return path
-
-
-def _records(n, tag):
-    return [{"prompt": f"Question {tag}{i} about lists", "response": f"Answer {i}: use append."} for i in range(n)]
 
 
 @pytest.fixture
@@ -107,31 +27,31 @@ def ws(tmp_path, monkeypatch):
     w = tmp_path / "ws"
     d = w / "data"
     d.mkdir(parents=True)
-    write_jsonl(d / "a.jsonl", _records(20, "a"))
-    write_jsonl(d / "b.jsonl", _records(20, "b"))
-    write_jsonl(d / "val.jsonl", _records(6, "v"))
+    write_jsonl(d / "a.jsonl", records(20, "a"))
+    write_jsonl(d / "b.jsonl", records(20, "b"))
+    write_jsonl(d / "val.jsonl", records(6, "v"))
     pr = "format: prompt_response"
-    _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (d / "shards").mkdir()
-    write_jsonl(d / "shards" / "s1.jsonl", _records(10, "s"))
-    _data_yaml(d / "dir.yaml", {"a": f"path: shards, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
-    _data_yaml(d / "glob.yaml", {"a": f"path: 'shards/*.jsonl', {pr}", "b": f"path: b.jsonl, {pr}"},
+    write_jsonl(d / "shards" / "s1.jsonl", records(10, "s"))
+    data_yaml(d / "dir.yaml", {"a": f"path: shards, {pr}", "b": f"path: b.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    data_yaml(d / "glob.yaml", {"a": f"path: 'shards/*.jsonl', {pr}", "b": f"path: b.jsonl, {pr}"},
                f"path: val.jsonl, {pr}")
     (w / "garbage.model").write_bytes(bytes(range(256)) * 8)
-    _data_yaml(d / "garbage_tok.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}",
+    data_yaml(d / "garbage_tok.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}",
                tokenizer=w / "garbage.model")
-    (d / "cut.jsonl").write_text(json.dumps(_records(1, "c")[0]) + "\n" + '{"prompt": "Question", "response": \n')
-    _data_yaml(d / "cut.yaml", {"a": f"path: cut.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
-    write_jsonl(d / "hollow.jsonl", _records(3, "h") + [{"prompt": "Say nothing.", "response": " "}])
-    _data_yaml(d / "hollow.yaml", {"a": f"path: hollow.jsonl, {pr}"}, f"path: val.jsonl, {pr}", "on_empty: error\n")
-    _data_yaml(d / "twice.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    (d / "cut.jsonl").write_text(json.dumps(records(1, "c")[0]) + "\n" + '{"prompt": "Question", "response": \n')
+    data_yaml(d / "cut.yaml", {"a": f"path: cut.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    write_jsonl(d / "hollow.jsonl", records(3, "h") + [{"prompt": "Say nothing.", "response": " "}])
+    data_yaml(d / "hollow.yaml", {"a": f"path: hollow.jsonl, {pr}"}, f"path: val.jsonl, {pr}", "on_empty: error\n")
+    data_yaml(d / "twice.yaml", {"a": f"path: a.jsonl, {pr}", "b": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    _data_yaml(d / "tilde.yaml", {"a": f"path: ~/corpus/a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    data_yaml(d / "tilde.yaml", {"a": f"path: ~/corpus/a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (w / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (d / "arrays.jsonl").write_text('["Question", "Answer"]\n')
-    _data_yaml(d / "arrays.yaml", {"a": f"path: arrays.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    data_yaml(d / "arrays.yaml", {"a": f"path: arrays.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (d / "gz.jsonl").write_bytes(gzip.compress(b'{"prompt": "Question", "response": "Answer"}\n'))
-    _data_yaml(d / "gz.yaml", {"a": f"path: gz.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
+    data_yaml(d / "gz.yaml", {"a": f"path: gz.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
     (d / "wordpiece.yaml").write_text((d / "data.yaml").read_text().replace("sentencepiece", "wordpiece"))
     (w / "list.json").write_text("[0.6, 0.4]\n")
     (w / "weights.json").write_text(json.dumps({"a": 0.6, "b": 0.4}))
@@ -339,141 +259,22 @@ def test_bad_input_is_one_line_and_changes_nothing(ws, capsys, monkeypatch, argv
 # --------------------------------------------------------------------------- beyond the battery
 
 
-def _tiny_run(out: Path, data: Path, *extra) -> int:
-    return main(["run", "--data", str(data), "--steps", "1", "--out", str(out), *extra]
-                + [a for s in TINY for a in ("--set", s)])
-
-
 def test_overwrite_replaces_an_earlier_run_and_nothing_else(ws, capsys):
     w, _ = ws
     out = w / "run1"
-    assert _tiny_run(out, w / "data" / "data.yaml") == 0
+    assert tiny_run(out, w / "data" / "data.yaml") == 0
     first = _snapshot(out)
     assert {"config.yaml", "metrics.jsonl", "weights.json", "pi.csv", "pi.png"} <= set(first)
     (out / ".weights.json.tmp-99999").write_text("left by a killed run")  # a run's own temporary: removed
-    assert _tiny_run(out, w / "data" / "data.yaml", "--overwrite", "--seed", "7") == 0
+    assert tiny_run(out, w / "data" / "data.yaml", "--overwrite", "--seed", "7") == 0
     assert set(_snapshot(out)) == set(first)
     assert yaml.safe_load((out / "config.yaml").read_text())["run"]["seed"] == 7
     # a refused --overwrite removes nothing, even the run's own files
     (out / "notes.txt").write_text("mine")
     before = _snapshot(out)
-    assert _tiny_run(out, w / "data" / "data.yaml", "--overwrite") == 2
+    assert tiny_run(out, w / "data" / "data.yaml", "--overwrite") == 2
     assert _snapshot(out) == before
     assert "holds files a run does not write (notes.txt)" in capsys.readouterr().err
-
-
-def test_a_full_disk_is_refused_up_front_and_mid_run_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
-    from scalebio.config import ConfigError
-    from scalebio.outputs import RunWriter, atomic_write
-
-    monkeypatch.setenv("SCALEBIO_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "a.jsonl", _records(10, "a"))
-    pr = "format: prompt_response"
-    data = _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: a.jsonl, {pr}", "overlap: warn\n")
-    with full_fs(tmp_path / "full") as full:
-        if full is None:
-            pytest.skip("needs root to mount a small tmpfs")
-        assert _tiny_run(full / "run", data) == 2
-        err = capsys.readouterr().err
-        assert "run directory" in err and "is full" in err and "Traceback" not in err
-        assert not (tmp_path / "cache" / "tokenized").exists()  # refused before the data was read
-        assert main(["export", "--weights", str(_weights(tmp_path)), "--data", str(data), "--size", "5",
-                     "--out", str(full / "mix.jsonl")]) == 2
-        assert "is full" in capsys.readouterr().err
-        (tmp_path / "ckpt").mkdir()  # eval checks --output before it opens the checkpoint
-        assert main(["eval", "--load", str(tmp_path / "ckpt"), "--data", str(data),
-                     "--output", str(full / "scores.json")]) == 2
-        err = capsys.readouterr().err
-        assert "--output" in err and "is full" in err and "Traceback" not in err
-        # the disk fills up during a run: each write fails with a message, leaving no temporary file
-        os.truncate(full / "filler", (full / "filler").stat().st_size - (256 << 10))  # room for the run to start
-        writer = RunWriter(full / "run", ["a"])
-        writer.write_config({"run": {}})
-        try:
-            writer.step({"step": 0, "pi": {"a": 1.0}, "val_loss": 1.0})
-            _fill(full / "filler")  # now full again
-            with pytest.raises(ConfigError, match=r"cannot write .*big\.json: No space left on device"):
-                atomic_write(full / "run" / "big.json", "x" * (1 << 20))
-            with pytest.raises(ConfigError, match=r"No space left on device"):
-                writer.finish(1, [1.0], {"val_loss": ([0], [1.0])})
-        finally:
-            writer.close()
-        assert sorted(p.name for p in (full / "run").iterdir()) == ["config.yaml", "metrics.jsonl"]
-
-
-def _weights(tmp_path) -> Path:
-    path = tmp_path / "weights.json"
-    path.write_text(json.dumps({"a": 1.0}))
-    return path
-
-
-@pytest.mark.slow
-def test_a_kill_during_prepare_force_keeps_the_good_entry(tmp_path):
-    """prepare --force builds the new entry aside: SIGTERM while it tokenizes leaves the old entry,
-    verified and reported as cached by the next prepare."""
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "big.jsonl", _records(8000, "x"))
-    write_jsonl(d / "val.jsonl", _records(5, "v"))
-    pr = "format: prompt_response"
-    data = _data_yaml(d / "data.yaml", {"big": f"path: big.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
-    env = {**os.environ, "SCALEBIO_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(REPO / "tools" / "prepare_data.py"), "--data", str(data), "--no-progress"]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
-    tokenized = tmp_path / "cache" / "tokenized"
-    entries = sorted(p.name for p in tokenized.iterdir() if p.is_dir() and not p.name.startswith("."))
-    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 300
-    while not list(tokenized.glob(".*.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)  # waits for the rebuild to start (not a timed assertion)
-    assert proc.poll() is None, "the rebuild ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert sorted(p.name for p in tokenized.iterdir() if p.is_dir() and not p.name.startswith(".")) == entries
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("already cached") == 2, again.stdout
-    assert not list(tokenized.glob(".*"))  # the killed build's temporary directory is gone
-
-
-def test_a_read_only_prepared_cache_is_read_and_a_full_one_is_a_message(tmp_path):
-    """A cache prepared elsewhere and shared read-only still serves its entries (no lock can be
-    taken there, and none is needed); a cache that fills up is a message, and leaves no partial entry."""
-    from scalebio.data import DataError, RunData
-    from scalebio.data.prepare import load_data_config, prepare_data
-    from scalebio.tokenizer import load_tokenizer
-
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "a.jsonl", _records(400, "a"))
-    write_jsonl(d / "val.jsonl", _records(5, "v"))
-    pr = "format: prompt_response"
-    data = _data_yaml(d / "data.yaml", {"a": f"path: a.jsonl, {pr}"}, f"path: val.jsonl, {pr}")
-    built, shared = tmp_path / "built", tmp_path / "shared"
-    prepare_data(load_data_config(data, [f"cache_dir={built}"]), progress=False, say=lambda *a: None)
-    shared.mkdir()
-    if not _mount_tmpfs(tmp_path / "probe", "size=64k"):
-        pytest.skip("needs root to mount file systems")
-    _umount(tmp_path / "probe")
-    subprocess.run(["mount", "--bind", str(built), str(shared)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(shared)], check=True)
-        cfg = load_data_config(data, [f"cache_dir={shared}"])
-        run_data = RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
-        assert all("from cache" in line for line in run_data.summary()[:2])
-        cfg.seq_length = 16  # same entries: truncation is not part of the key
-        RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
-    finally:
-        _umount(shared)
-    with full_fs(tmp_path / "full", "64k") as full:
-        cfg = load_data_config(data, [f"cache_dir={full}"])
-        with pytest.raises(DataError, match=r"source 'a': cannot write its tokenized cache entry in .*\(No space left "
-                                            r"on device\); free some space"):
-            RunData(cfg, load_tokenizer(cfg.tokenizer), seed=0)
-        assert not list((full / "tokenized").glob(".*"))  # no partial entry left behind
 
 
 def test_a_relative_cache_dir_in_a_data_yaml_is_next_to_that_file(ws, tmp_path, monkeypatch, capsys):

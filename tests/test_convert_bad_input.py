@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import convert_helpers as ch
+from bad_input_helpers import read_only_dir
 from helpers import REPO
 from scalebio.cli import main
 from scalebio.config import ConfigError
 from scalebio_plugins.megatron import checkpoint as ck
 from scalebio_plugins.megatron import hf
-from test_bad_input import read_only_dir
 
 
 @pytest.fixture(scope="module")
