@@ -76,6 +76,8 @@ def stdlib_modules():
         except Exception:
             continue
         yield name, mod
+
+
 _SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()\-]+\.")
 
 
