@@ -47,8 +47,6 @@ def test_small_compare_writes_every_arm_and_seed_and_reproduces(tmp_path, capsys
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     arms = ["learned", "doremi", "uniform", "natural"]
     assert list(result["arms"]) == arms and result["seeds"] == [1234, 1235]
-    # the whole comparison's wall time covers every run's
-    assert result["seconds"] >= sum(r["seconds"] for a in arms for r in result["arms"][a]["runs"])
     names = ["clean", "shuffled", "typos"]
     # the weights each arm trained on: the learning runs' weights.json, uniform, natural
     assert result["weights"]["learned"] == json.loads((out / "bilevel" / "weights.json").read_text())
