@@ -81,7 +81,6 @@ def records(n, tag):
     return [{"prompt": f"Question {tag}{i} about lists", "response": f"Answer {i}: use append."} for i in range(n)]
 
 
-
 def tiny_run(out: Path, data: Path, *extra) -> int:
     """``scalebio run`` of one tiny step."""
     return main(["run", "--data", str(data), "--steps", "1", "--out", str(out), *extra]

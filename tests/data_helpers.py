@@ -14,8 +14,6 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # Qwen2-Instruct's template
 
 
-
-
 def make_hf_tokenizer(folder, config: dict):
     """A small byte-level BPE tokenizer directory with ChatML special tokens and ``config`` as
     tokenizer_config.json."""
@@ -32,8 +30,6 @@ def make_hf_tokenizer(folder, config: dict):
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return load_tokenizer(TokenizerConfig(path=str(folder)))
-
-
 
 
 def data_cfg(tmp_path, sources: dict, validation=None, **kw) -> DataConfig:
@@ -55,7 +51,6 @@ def runs(sample):
             out.append(cur)
             cur = []
     return out + ([cur] if cur else [])
-
 
 
 def load_one(tmp_path, tok, path, fmt="text", **kw):
